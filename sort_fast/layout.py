@@ -1,0 +1,116 @@
+"""The packed group layout shared by kernels, losses, the trainer and metrics (SPEC §2).
+
+All questions of a batch are rows of one ``[T, D]`` matrix. Group ``g`` owns rows
+``offsets[g]:offsets[g+1]``: first its reasoning question, then ``num_sub[g]`` sub-questions,
+then its irrelevant questions.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["check_layout", "group_ids", "row_roles", "candidate_layout"]
+
+ROLE_REASONING, ROLE_SUB, ROLE_IRRELEVANT = 0, 1, 2
+
+
+def _first(mask: torch.Tensor) -> int:
+    return int(mask.nonzero()[0, 0])
+
+
+def check_layout(
+    offsets: torch.Tensor,
+    num_sub: Optional[torch.Tensor],
+    num_rows: Optional[int],
+    device: Optional[torch.device] = None,
+) -> torch.Tensor:
+    """Validates a packed layout and returns the group sizes ``[N]`` (int64).
+
+    Raises ``TypeError`` when ``offsets``/``num_sub`` are not tensors and ``ValueError`` naming
+    the first offending group for a wrong dtype, shape, device, non-monotone offsets, a row count
+    that does not match ``num_rows`` or a ``num_sub`` outside ``1..size-1``.
+    ``num_sub=None`` checks the offsets alone; ``num_rows=None`` skips the row-count check.
+    """
+    if not isinstance(offsets, torch.Tensor):
+        raise TypeError(f"offsets must be a torch.Tensor, got {type(offsets).__name__}")
+    if offsets.dtype != torch.int64:
+        raise ValueError(f"offsets must be int64, got {offsets.dtype}")
+    if offsets.dim() != 1 or offsets.numel() < 2:
+        raise ValueError(
+            f"offsets must be 1-D with N+1 >= 2 entries, got shape {tuple(offsets.shape)}"
+        )
+    if device is not None and offsets.device != device:
+        raise ValueError(f"offsets is on {offsets.device} but the data is on {device}")
+    if int(offsets[0]) != 0:
+        raise ValueError(f"offsets[0] must be 0, got {int(offsets[0])}")
+    sizes = offsets[1:] - offsets[:-1]
+    if bool((sizes <= 0).any()):
+        g = _first(sizes <= 0)
+        raise ValueError(
+            f"offsets must be strictly increasing: group {g} has offsets[{g}]={int(offsets[g])}"
+            f" and offsets[{g + 1}]={int(offsets[g + 1])}"
+        )
+    if num_rows is not None and int(offsets[-1]) != num_rows:
+        raise ValueError(
+            f"offsets[-1]={int(offsets[-1])} does not match the {num_rows} rows of the data"
+        )
+    if num_sub is None:
+        return sizes
+    if not isinstance(num_sub, torch.Tensor):
+        raise TypeError(f"num_sub must be a torch.Tensor, got {type(num_sub).__name__}")
+    if num_sub.dtype != torch.int64:
+        raise ValueError(f"num_sub must be int64, got {num_sub.dtype}")
+    if num_sub.shape != sizes.shape:
+        raise ValueError(
+            f"num_sub must have shape [{sizes.numel()}] (one entry per group), "
+            f"got {tuple(num_sub.shape)}"
+        )
+    if num_sub.device != offsets.device:
+        raise ValueError(f"num_sub is on {num_sub.device} but offsets is on {offsets.device}")
+    if bool((num_sub < 1).any()):
+        g = _first(num_sub < 1)
+        raise ValueError(f"group {g} has num_sub={int(num_sub[g])}; every group needs >= 1")
+    too_many = num_sub > sizes - 1
+    if bool(too_many.any()):
+        g = _first(too_many)
+        raise ValueError(
+            f"group {g} has num_sub={int(num_sub[g])} but only {int(sizes[g]) - 1} rows "
+            "after its reasoning row"
+        )
+    return sizes
+
+
+def group_ids(sizes: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Group index of every row, ``[T]`` int64, from the group sizes ``[N]``."""
+    return torch.repeat_interleave(
+        torch.arange(sizes.numel(), device=sizes.device), sizes, output_size=num_rows
+    )
+
+
+def row_roles(offsets: torch.Tensor, num_sub: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Role of every row, ``[T]`` int64: 0 reasoning, 1 sub-question, 2 irrelevant."""
+    num_rows = int(offsets[-1])
+    gid = group_ids(sizes, num_rows)
+    pos = torch.arange(num_rows, device=offsets.device) - offsets[:-1][gid]
+    roles = torch.full_like(pos, ROLE_IRRELEVANT)
+    roles[pos <= num_sub[gid]] = ROLE_SUB
+    roles[pos == 0] = ROLE_REASONING
+    return roles
+
+
+def candidate_layout(
+    offsets: torch.Tensor, num_sub: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Candidate view of a packed layout for the ranking metrics (SPEC §2).
+
+    Returns ``(rows [C], relevant [C] bool, candidate_offsets [N+1])``: the packed row of every
+    candidate (all rows but the reasoning rows), whether it is a sub-question, and the
+    candidate offsets (``offsets[g] - g``).
+    """
+    sizes = check_layout(offsets, num_sub, None)
+    roles = row_roles(offsets, num_sub, sizes)
+    rows = (roles != ROLE_REASONING).nonzero().squeeze(1)
+    relevant = roles[rows] == ROLE_SUB
+    candidate_offsets = offsets - torch.arange(offsets.numel(), device=offsets.device)
+    return rows, relevant, candidate_offsets
