@@ -6,11 +6,12 @@ then its irrelevant questions.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["check_layout", "group_ids", "row_roles", "candidate_layout"]
+__all__ = ["Layout", "check_layout", "group_ids", "row_roles", "candidate_layout"]
 
 ROLE_REASONING, ROLE_SUB, ROLE_IRRELEVANT = 0, 1, 2
 
@@ -19,13 +20,23 @@ def _first(mask: torch.Tensor) -> int:
     return int(mask.nonzero()[0, 0])
 
 
+@dataclass(frozen=True)
+class Layout:
+    """A validated packed layout: group ``sizes [N]`` (int64, on the layout's device), the
+    largest group size and the number of groups with at least one irrelevant question."""
+
+    sizes: torch.Tensor
+    max_group: int
+    num_with_irrelevant: int
+
+
 def check_layout(
     offsets: torch.Tensor,
     num_sub: Optional[torch.Tensor],
     num_rows: Optional[int],
     device: Optional[torch.device] = None,
-) -> torch.Tensor:
-    """Validates a packed layout and returns the group sizes ``[N]`` (int64).
+) -> Layout:
+    """Validates a packed layout (SPEC §2) with a single device-to-host copy.
 
     Raises ``TypeError`` when ``offsets``/``num_sub`` are not tensors and ``ValueError`` naming
     the first offending group for a wrong dtype, shape, device, non-monotone offsets, a row count
@@ -42,43 +53,47 @@ def check_layout(
         )
     if device is not None and offsets.device != device:
         raise ValueError(f"offsets is on {offsets.device} but the data is on {device}")
-    if int(offsets[0]) != 0:
-        raise ValueError(f"offsets[0] must be 0, got {int(offsets[0])}")
     sizes = offsets[1:] - offsets[:-1]
-    if bool((sizes <= 0).any()):
+    stats = [offsets[0], offsets[-1], sizes.min(), sizes.max()]
+    if num_sub is not None:
+        if not isinstance(num_sub, torch.Tensor):
+            raise TypeError(f"num_sub must be a torch.Tensor, got {type(num_sub).__name__}")
+        if num_sub.dtype != torch.int64:
+            raise ValueError(f"num_sub must be int64, got {num_sub.dtype}")
+        if num_sub.shape != sizes.shape:
+            raise ValueError(
+                f"num_sub must have shape [{sizes.numel()}] (one entry per group), "
+                f"got {tuple(num_sub.shape)}"
+            )
+        if num_sub.device != offsets.device:
+            raise ValueError(f"num_sub is on {num_sub.device} but offsets is on {offsets.device}")
+        num_irrelevant = sizes - 1 - num_sub
+        stats += [num_sub.min(), num_irrelevant.min(), (num_irrelevant > 0).sum()]
+    first, last, min_size, max_size, *sub_stats = torch.stack(stats).tolist()
+
+    if first != 0:
+        raise ValueError(f"offsets[0] must be 0, got {first}")
+    if min_size <= 0:
         g = _first(sizes <= 0)
         raise ValueError(
             f"offsets must be strictly increasing: group {g} has offsets[{g}]={int(offsets[g])}"
             f" and offsets[{g + 1}]={int(offsets[g + 1])}"
         )
-    if num_rows is not None and int(offsets[-1]) != num_rows:
-        raise ValueError(
-            f"offsets[-1]={int(offsets[-1])} does not match the {num_rows} rows of the data"
-        )
+    if num_rows is not None and last != num_rows:
+        raise ValueError(f"offsets[-1]={last} does not match the {num_rows} rows of the data")
     if num_sub is None:
-        return sizes
-    if not isinstance(num_sub, torch.Tensor):
-        raise TypeError(f"num_sub must be a torch.Tensor, got {type(num_sub).__name__}")
-    if num_sub.dtype != torch.int64:
-        raise ValueError(f"num_sub must be int64, got {num_sub.dtype}")
-    if num_sub.shape != sizes.shape:
-        raise ValueError(
-            f"num_sub must have shape [{sizes.numel()}] (one entry per group), "
-            f"got {tuple(num_sub.shape)}"
-        )
-    if num_sub.device != offsets.device:
-        raise ValueError(f"num_sub is on {num_sub.device} but offsets is on {offsets.device}")
-    if bool((num_sub < 1).any()):
+        return Layout(sizes, max_size, 0)
+    min_sub, min_irrelevant, num_with_irrelevant = sub_stats
+    if min_sub < 1:
         g = _first(num_sub < 1)
         raise ValueError(f"group {g} has num_sub={int(num_sub[g])}; every group needs >= 1")
-    too_many = num_sub > sizes - 1
-    if bool(too_many.any()):
-        g = _first(too_many)
+    if min_irrelevant < 0:
+        g = _first(num_sub > sizes - 1)
         raise ValueError(
             f"group {g} has num_sub={int(num_sub[g])} but only {int(sizes[g]) - 1} rows "
             "after its reasoning row"
         )
-    return sizes
+    return Layout(sizes, max_size, num_with_irrelevant)
 
 
 def group_ids(sizes: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -108,7 +123,7 @@ def candidate_layout(
     candidate (all rows but the reasoning rows), whether it is a sub-question, and the
     candidate offsets (``offsets[g] - g``).
     """
-    sizes = check_layout(offsets, num_sub, None)
+    sizes = check_layout(offsets, num_sub, None).sizes
     roles = row_roles(offsets, num_sub, sizes)
     rows = (roles != ROLE_REASONING).nonzero().squeeze(1)
     relevant = roles[rows] == ROLE_SUB

@@ -191,7 +191,7 @@ class ConsistencyMeter:
         optionally the soft VQA score ``[T]`` of each row's predicted answer."""
         c = _as_bool(correct, "correct")
         offsets, num_sub = torch.as_tensor(offsets).cpu(), torch.as_tensor(num_sub).cpu()
-        sizes = check_layout(offsets, num_sub, c.size)
+        sizes = check_layout(offsets, num_sub, c.size).sizes
         roles = row_roles(offsets, num_sub, sizes).numpy()
         self.update(c[roles == ROLE_REASONING], c[roles == ROLE_SUB], num_sub,
                     c[roles == ROLE_IRRELEVANT])

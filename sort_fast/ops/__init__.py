@@ -1,0 +1,1 @@
+"""Fused operators: each module holds one op (its kernels, autograd Function and functional entry)."""

@@ -1,0 +1,298 @@
+"""Grad-CAM cosine similarity and the contrastive gradient loss over packed groups.
+
+SPEC §1 (Grad-CAM vector ``G = grad * act`` and cosine), §2 (packed layout), §3 (loss and its
+gradients). Two backends compute the same math with hand-written backward passes:
+
+- ``"triton"``: fused kernels (:mod:`sort_fast.ops.contrastive_loss_kernels`), used on CUDA; they
+  also run on CPU tensors under ``TRITON_INTERPRET=1``.
+- ``"torch"``: vectorised PyTorch (segment reductions, no Python loop over groups) for the CPU.
+"""
+from __future__ import annotations
+
+import math
+import os
+from types import ModuleType
+from typing import Optional, Tuple
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ..layout import Layout, check_layout, group_ids
+
+__all__ = [
+    "contrastive_gradient_loss",
+    "gradcam_similarity",
+    "ContrastiveGradientLoss",
+    "GradCAMSimilarityFunction",
+    "ContrastiveGradientLossFunction",
+]
+
+MODES = ("contrastive", "sq_only")
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "triton", "torch")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------- torch backend
+class _TorchBackend:
+    """The CPU implementation; same signatures as the Triton kernels' host functions."""
+
+    @staticmethod
+    def _gradcam(grad: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        acc = torch.float64 if torch.float64 in (grad.dtype, act.dtype) else torch.float32
+        return grad.to(acc) * act.to(acc)
+
+    @staticmethod
+    def forward(grad, act, offsets, num_sub, max_group, margin, eps, contrastive):
+        G = _TorchBackend._gradcam(grad, act)
+        num_rows = G.shape[0]
+        start = offsets[:-1]
+        sizes = offsets[1:] - start
+        gid = group_ids(sizes, num_rows)
+        norm = torch.linalg.vector_norm(G, dim=1)
+        dot = (G * G[start][gid]).sum(1)
+        cos = dot / (norm.clamp_min(eps) * norm[start][gid].clamp_min(eps))
+        cos[start] = 1.0
+        if num_sub is None:
+            return cos, norm, None, None
+        weight, loss = _hinge(cos, start, sizes, num_sub, gid, margin, contrastive)
+        return cos, norm, weight, loss
+
+    @staticmethod
+    def backward(grad, act, offsets, max_group, cos, norm, row_weight, group_scale, eps):
+        G = _TorchBackend._gradcam(grad, act)
+        start = offsets[:-1]
+        sizes = offsets[1:] - start
+        gid = group_ids(sizes, G.shape[0])
+        w = row_weight if group_scale is None else row_weight * group_scale[gid]
+        w = w.to(G.dtype, copy=True)
+        w[start] = 0.0  # the reasoning row's own similarity is the constant 1
+        n_den = norm.clamp_min(eps)
+        r_norm = norm[start]
+        r_den = r_norm.clamp_min(eps)
+        # SPEC §3 gradients; the norm terms vanish where a norm is clamped to eps.
+        a = w / (r_den[gid] * n_den)
+        b = torch.where(norm >= eps, w * cos / n_den.square(), torch.zeros_like(w))
+        G_r = G[start]
+        dG = a[:, None] * G_r[gid] - b[:, None] * G
+        beta = torch.zeros_like(r_norm).index_add_(0, gid, w * cos)
+        beta = torch.where(r_norm >= eps, beta / r_den.square(), torch.zeros_like(beta))
+        d_r = torch.zeros_like(G_r).index_add_(0, gid, a[:, None] * G) - beta[:, None] * G_r
+        dG[start] += d_r
+        return (dG * act).to(grad.dtype), (dG * grad).to(act.dtype)
+
+
+def _hinge(cos, start, sizes, num_sub, gid, margin, contrastive):
+    """Per-row weights ``dL_g/dc [T]`` and per-group losses ``[N]`` from the cosines (SPEC §3)."""
+    num_irr = sizes - 1 - num_sub
+    weight = torch.zeros_like(cos)
+    if not contrastive:
+        inv = 1.0 / num_sub.to(cos.dtype)
+        pos = torch.arange(cos.numel(), device=cos.device) - start[gid]
+        sub = ((pos >= 1) & (pos <= num_sub[gid])).nonzero().squeeze(1)
+        loss = torch.zeros_like(inv).index_add_(0, gid[sub], 1.0 - cos[sub]) * inv
+        weight[sub] = -inv[gid[sub]]
+        return weight, loss
+    # Enumerate every (sub-question, irrelevant question) pair of every group: P = sum K*M.
+    pairs = num_sub * num_irr
+    inv = torch.where(num_irr > 0, 1.0 / pairs.clamp_min(1).to(cos.dtype),
+                      torch.zeros((), dtype=cos.dtype, device=cos.device))
+    pair_group = torch.repeat_interleave(torch.arange(sizes.numel(), device=cos.device), pairs)
+    first_pair = torch.cumsum(pairs, 0) - pairs
+    p = torch.arange(pair_group.numel(), device=cos.device) - first_pair[pair_group]
+    m_of_pair = num_irr[pair_group]
+    sub_row = start[pair_group] + 1 + torch.div(p, m_of_pair, rounding_mode="floor")
+    irr_row = start[pair_group] + 1 + num_sub[pair_group] + p % m_of_pair
+    h = margin + cos[irr_row] - cos[sub_row]
+    on = h > 0
+    loss = torch.zeros_like(inv).index_add_(0, pair_group, torch.where(on, h, 0.0)) * inv
+    step = on.to(cos.dtype) * inv[pair_group]
+    weight.index_add_(0, sub_row, -step).index_add_(0, irr_row, step)
+    return weight, loss
+
+
+def _backend_module(name: str) -> ModuleType:
+    if name == "torch":
+        return _TorchBackend  # type: ignore[return-value]
+    from . import contrastive_loss_kernels
+
+    return contrastive_loss_kernels
+
+
+# ----------------------------------------------------------------------------- autograd
+class GradCAMSimilarityFunction(torch.autograd.Function):
+    """``(grad [T,D], act [T,D]) -> cos [T]``: cosine of each row's Grad-CAM vector with its
+    group's reasoning row (1 for the reasoning row)."""
+
+    @staticmethod
+    def forward(ctx, grad, act, offsets, max_group, eps, backend):
+        impl = _backend_module(backend)
+        cos, norm, _, _ = impl.forward(grad, act, offsets, None, max_group, 0.0, eps, True)
+        ctx.save_for_backward(grad, act, offsets, cos, norm)
+        ctx.impl, ctx.max_group, ctx.eps = impl, max_group, eps
+        return cos
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dcos):
+        grad, act, offsets, cos, norm = ctx.saved_tensors
+        dgrad, dact = ctx.impl.backward(grad, act, offsets, ctx.max_group, cos, norm,
+                                        dcos.to(cos.dtype).contiguous(), None, ctx.eps)
+        return dgrad, dact, None, None, None, None
+
+
+class ContrastiveGradientLossFunction(torch.autograd.Function):
+    """``(grad [T,D], act [T,D]) -> loss [N]``: per-group contrastive gradient loss (SPEC §3)."""
+
+    @staticmethod
+    def forward(ctx, grad, act, offsets, num_sub, max_group, margin, eps, contrastive, backend):
+        impl = _backend_module(backend)
+        cos, norm, weight, loss = impl.forward(grad, act, offsets, num_sub, max_group, margin,
+                                               eps, contrastive)
+        ctx.save_for_backward(grad, act, offsets, cos, norm, weight)
+        ctx.impl, ctx.max_group, ctx.eps = impl, max_group, eps
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dloss):
+        grad, act, offsets, cos, norm, weight = ctx.saved_tensors
+        dgrad, dact = ctx.impl.backward(grad, act, offsets, ctx.max_group, cos, norm, weight,
+                                        dloss.to(weight.dtype).contiguous(), ctx.eps)
+        return dgrad, dact, None, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- checks
+def _check_pair(grad: torch.Tensor, act: torch.Tensor, eps: float, backend: str) -> str:
+    for name, t in (("grad", grad), ("act", act)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D [T, D], got shape {tuple(t.shape)}")
+    if grad.shape != act.shape:
+        raise ValueError(f"grad {tuple(grad.shape)} and act {tuple(act.shape)} differ in shape")
+    if grad.device != act.device:
+        raise ValueError(f"grad is on {grad.device} but act is on {act.device}")
+    if grad.shape[1] == 0:
+        raise ValueError("grad and act have no columns (D = 0)")
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if grad.is_cuda and _triton_available() else "torch"
+    if backend == "triton":
+        if not _triton_available():
+            raise ValueError("backend='triton' needs the triton package (pip install triton)")
+        if not grad.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before import"
+            )
+    return backend
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _prepare(grad, act, offsets, num_sub, eps, backend) -> Tuple[str, Layout]:
+    backend = _check_pair(grad, act, eps, backend)
+    layout = check_layout(offsets, num_sub, grad.shape[0], device=grad.device)
+    return backend, layout
+
+
+# ----------------------------------------------------------------------------- functional API
+def gradcam_similarity(
+    grad: torch.Tensor,
+    act: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    eps: float = 1e-8,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Cosine of every row's Grad-CAM vector ``grad * act`` with its group's reasoning row.
+
+    Args:
+        grad, act: ``[T, D]`` float tensors (``dy_c/dA`` and ``A``), same device.
+        offsets: ``[N+1]`` int64 group boundaries (SPEC §2).
+        eps: norm clamp, as in ``torch.nn.functional.cosine_similarity``.
+        backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"`` or ``"torch"``.
+
+    Returns:
+        ``[T]`` float32 (float64 for float64 inputs); 1 for each reasoning row. Differentiable.
+    """
+    backend, layout = _prepare(grad, act, offsets, None, eps, backend)
+    return GradCAMSimilarityFunction.apply(grad.contiguous(), act.contiguous(), offsets,
+                                           layout.max_group, float(eps), backend)
+
+
+def contrastive_gradient_loss(
+    grad: torch.Tensor,
+    act: torch.Tensor,
+    offsets: torch.Tensor,
+    num_sub: torch.Tensor,
+    *,
+    margin: float = 0.0,
+    mode: str = "contrastive",
+    reduction: str = "mean",
+    eps: float = 1e-8,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Contrastive gradient loss of SOrT over packed groups (SPEC §3, paper Eq. 2).
+
+    Args:
+        grad, act: ``[T, D]`` float tensors; ``G = grad * act`` is the Grad-CAM vector.
+        offsets: ``[N+1]`` int64; num_sub: ``[N]`` int64 (SPEC §2).
+        margin: hinge margin (``"contrastive"`` mode).
+        mode: ``"contrastive"``: mean over (sub, irrelevant) pairs of
+            ``max(0, margin + cos_irr - cos_sub)``; groups without irrelevant questions give 0
+            and are not counted by ``"mean"``. ``"sq_only"``: mean over sub-questions of
+            ``1 - cos_sub``.
+        reduction: ``"mean"`` over counted groups (0 if none), ``"sum"`` or ``"none"`` (``[N]``).
+        eps: norm clamp of the cosine.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+
+    Returns:
+        A scalar (or ``[N]``), float32 (float64 for float64 inputs).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not (isinstance(margin, (int, float)) and math.isfinite(margin)):
+        raise ValueError(f"margin must be a finite number, got {margin!r}")
+    backend, layout = _prepare(grad, act, offsets, num_sub, eps, backend)
+    contrastive = mode == "contrastive"
+    per_group = ContrastiveGradientLossFunction.apply(
+        grad.contiguous(), act.contiguous(), offsets, num_sub, layout.max_group, float(margin),
+        float(eps), contrastive, backend,
+    )
+    if reduction == "none":
+        return per_group
+    total = per_group.sum()
+    if reduction == "sum":
+        return total
+    counted = layout.num_with_irrelevant if contrastive else per_group.numel()
+    return total / counted if counted else total * 0.0
+
+
+class ContrastiveGradientLoss(torch.nn.Module):
+    """``nn.Module`` wrapper of :func:`contrastive_gradient_loss`."""
+
+    def __init__(self, margin: float = 0.0, mode: str = "contrastive", reduction: str = "mean",
+                 eps: float = 1e-8, backend: str = "auto") -> None:
+        super().__init__()
+        self.margin, self.mode, self.reduction, self.eps, self.backend = (
+            margin, mode, reduction, eps, backend)
+
+    def forward(self, grad: torch.Tensor, act: torch.Tensor, offsets: torch.Tensor,
+                num_sub: torch.Tensor) -> torch.Tensor:
+        return contrastive_gradient_loss(grad, act, offsets, num_sub, margin=self.margin,
+                                         mode=self.mode, reduction=self.reduction, eps=self.eps,
+                                         backend=self.backend)

@@ -1,0 +1,269 @@
+"""Contrastive gradient loss and Grad-CAM similarity against a float64 plain-autograd loop."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sort_fast
+from sort_fast import contrastive_gradient_loss, gradcam_similarity
+
+triton = pytest.importorskip("triton")
+from sort_fast.ops import contrastive_loss_kernels  # noqa: E402  (needs TRITON_INTERPRET first)
+
+EPS = 1e-8
+
+
+# ----------------------------------------------------------------------------- reference
+def cosine(x, r, eps=EPS):
+    """SPEC §1 cosine, written out: x.r / (max(|x|, eps) max(|r|, eps))."""
+    return (x @ r) / (x.norm(dim=-1).clamp_min(eps) * r.norm().clamp_min(eps))
+
+
+def reference_loss(grad, act, offsets, num_sub, margin=0.0, mode="contrastive",
+                   reduction="mean", eps=EPS):
+    G = grad.double() * act.double()
+    losses, counted = [], 0
+    for g in range(num_sub.numel()):
+        a, b, k = int(offsets[g]), int(offsets[g + 1]), int(num_sub[g])
+        cos = cosine(G[a + 1:b], G[a], eps)
+        s, i = cos[:k], cos[k:]
+        if mode == "sq_only":
+            losses.append((1 - s).mean())
+            counted += 1
+        elif i.numel() == 0:
+            losses.append(G.sum() * 0)
+        else:
+            losses.append(F.relu(margin + i[None, :] - s[:, None]).mean())
+            counted += 1
+    per_group = torch.stack(losses)
+    if reduction == "none":
+        return per_group
+    if reduction == "sum":
+        return per_group.sum()
+    return per_group.sum() / counted if counted else per_group.sum() * 0
+
+
+def reference_similarity(grad, act, offsets, eps=EPS):
+    G = grad.double() * act.double()
+    out = []
+    for g in range(offsets.numel() - 1):
+        a, b = int(offsets[g]), int(offsets[g + 1])
+        out += [torch.ones(1, dtype=G.dtype), cosine(G[a + 1:b], G[a], eps)]
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------- inputs
+def make_layout(sizes, num_sub):
+    offsets = torch.tensor([0] + list(sizes)).cumsum(0)
+    return offsets, torch.tensor(num_sub)
+
+
+# sizes / num_sub: K=1, M=0 (no irrelevant), a pair-only group, and larger ragged groups
+RAGGED = ([4, 2, 6, 3, 9, 5], [1, 1, 2, 2, 3, 4])
+
+
+def make_inputs(sizes, num_sub, dim, dtype=torch.float64, zero_rows=(), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    offsets, num_sub = make_layout(sizes, num_sub)
+    T = int(offsets[-1])
+    grad = torch.randn(T, dim, generator=gen, dtype=torch.float64)
+    act = torch.rand(T, dim, generator=gen, dtype=torch.float64)
+    for row in zero_rows:
+        act[row] = 0.0
+    return grad.to(dtype), act.to(dtype), offsets, num_sub
+
+
+def run(fn, grad, act, *args, **kwargs):
+    grad = grad.detach().clone().requires_grad_()
+    act = act.detach().clone().requires_grad_()
+    out = fn(grad, act, *args, **kwargs)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(7),
+                           dtype=torch.float64).to(out.dtype)
+    dgrad, dact = torch.autograd.grad((out * upstream).sum(), (grad, act))
+    return out, dgrad, dact
+
+
+def assert_close_all(got, want, rtol, atol):
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype or g.dtype != torch.float64
+        torch.testing.assert_close(g.double(), w.double(), rtol=rtol, atol=atol)
+
+
+BACKENDS = ["torch", "triton"]
+
+
+# ----------------------------------------------------------------------------- values and grads
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["contrastive", "sq_only"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("margin", [0.0, 0.3])
+def test_loss_matches_reference(backend, mode, reduction, margin):
+    grad, act, offsets, num_sub = make_inputs(*RAGGED, dim=19, seed=hash((mode, margin)) % 1000)
+    kw = dict(margin=margin, mode=mode, reduction=reduction)
+    got = run(contrastive_gradient_loss, grad, act, offsets, num_sub, backend=backend, **kw)
+    want = run(reference_loss, grad, act, offsets, num_sub, **kw)
+    # triton accumulates in float32 whatever the input dtype
+    tol = dict(rtol=1e-10, atol=1e-12) if backend == "torch" else dict(rtol=2e-5, atol=1e-6)
+    assert_close_all(got, want, **tol)
+    assert got[0].abs().sum() > 0 and got[1].abs().sum() > 0  # the case is not degenerate
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_similarity_matches_reference(backend):
+    grad, act, offsets, _ = make_inputs(*RAGGED, dim=23, seed=3)
+    got = run(gradcam_similarity, grad, act, offsets, backend=backend)
+    want = run(reference_similarity, grad, act, offsets)
+    tol = dict(rtol=1e-10, atol=1e-12) if backend == "torch" else dict(rtol=2e-5, atol=1e-6)
+    assert_close_all(got, want, **tol)
+    # and SPEC §1 means torch.nn.functional.cosine_similarity semantics
+    G = grad * act
+    first = F.cosine_similarity(G[1:4], G[0:1], dim=1, eps=EPS)
+    torch.testing.assert_close(got[0][1:4].double(), first, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed", range(4))
+def test_random_ragged_layouts(backend, seed):
+    gen = torch.Generator().manual_seed(100 + seed)
+    n = int(torch.randint(1, 7, (1,), generator=gen))
+    sizes = torch.randint(2, 12, (n,), generator=gen).tolist()
+    num_sub = [int(torch.randint(1, s, (1,), generator=gen)) for s in sizes]
+    dim = int(torch.randint(1, 40, (1,), generator=gen))
+    grad, act, offsets, num_sub = make_inputs(sizes, num_sub, dim, seed=seed)
+    margin = float(torch.rand(1, generator=gen)) * 0.5
+    got = run(contrastive_gradient_loss, grad, act, offsets, num_sub, margin=margin,
+              backend=backend)
+    want = run(reference_loss, grad, act, offsets, num_sub, margin=margin)
+    tol = dict(rtol=1e-10, atol=1e-12) if backend == "torch" else dict(rtol=2e-5, atol=1e-6)
+    assert_close_all(got, want, **tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_gradcam_vectors(backend):
+    # a zero reasoning row (group 0) and zero candidate rows (groups 2 and 4)
+    grad, act, offsets, num_sub = make_inputs(*RAGGED, dim=11, zero_rows=(0, 8, 13, 17))
+    for fn, ref, args in ((contrastive_gradient_loss, reference_loss, (offsets, num_sub)),
+                          (gradcam_similarity, reference_similarity, (offsets,))):
+        got = run(fn, grad, act, *args, backend=backend)
+        want = run(ref, grad, act, *args)
+        assert all(torch.isfinite(t).all() for t in got)
+        tol = dict(rtol=1e-10, atol=1e-12) if backend == "torch" else dict(rtol=2e-5, atol=1e-6)
+        assert_close_all(got, want, **tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_counted_group_gives_zero_mean(backend):
+    grad, act, offsets, num_sub = make_inputs([3, 2], [2, 1], dim=5)
+    loss, dgrad, dact = run(contrastive_gradient_loss, grad, act, offsets, num_sub,
+                            backend=backend)
+    assert loss.item() == 0.0
+    assert torch.count_nonzero(dgrad) == 0 and torch.count_nonzero(dact) == 0
+
+
+def test_multi_tile_groups_in_the_kernel(monkeypatch):
+    """Groups larger than one row tile and D larger than one column tile loop in the kernels."""
+    monkeypatch.setattr(contrastive_loss_kernels, "MAX_BLOCK_Q", 4)
+    monkeypatch.setattr(contrastive_loss_kernels, "TILE_ELEMENTS", 64)
+    assert contrastive_loss_kernels._launch_config(13, 70)[:2] == (4, 32)
+    grad, act, offsets, num_sub = make_inputs([13, 5, 11], [3, 1, 9], dim=70, seed=5)
+    for mode in ("contrastive", "sq_only"):
+        got = run(contrastive_gradient_loss, grad, act, offsets, num_sub, margin=0.1, mode=mode,
+                  backend="triton")
+        want = run(reference_loss, grad, act, offsets, num_sub, margin=0.1, mode=mode)
+        assert_close_all(got, want, rtol=2e-5, atol=1e-6)
+    got = run(gradcam_similarity, grad, act, offsets, backend="triton")
+    assert_close_all(got, run(reference_similarity, grad, act, offsets), rtol=2e-5, atol=1e-6)
+
+
+# Low precision: inputs are rounded to the dtype, the reference sees the same rounded values in
+# float64; both backends accumulate in float32, so the stated tolerances cover float32 sums only.
+# Gradients are returned in the input dtype, which adds its rounding (bf16: 8 bits of mantissa).
+LOW_PRECISION = {
+    torch.float32: dict(rtol=1e-4, atol=1e-5),
+    torch.float16: dict(rtol=2e-3, atol=2e-4),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-3),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", list(LOW_PRECISION))
+def test_low_precision_inputs(backend, dtype):
+    grad, act, offsets, num_sub = make_inputs(*RAGGED, dim=33, dtype=dtype, seed=11)
+    got = run(contrastive_gradient_loss, grad, act, offsets, num_sub, margin=0.2, backend=backend)
+    want = run(reference_loss, grad.double(), act.double(), offsets, num_sub, margin=0.2)
+    assert got[0].dtype == torch.float32
+    assert got[1].dtype == dtype and got[2].dtype == dtype
+    tol = LOW_PRECISION[dtype]
+    torch.testing.assert_close(got[0].double(), want[0], **tol)
+    scale = want[1].abs().max()  # gradient tolerances relative to the largest entry
+    for g, w in zip(got[1:], want[1:]):
+        torch.testing.assert_close(g.double() / scale, w / scale, **tol)
+
+
+def test_mixed_input_dtypes():
+    grad, act, offsets, num_sub = make_inputs(*RAGGED, dim=9, seed=4)
+    got = run(contrastive_gradient_loss, grad.float(), act.half(), offsets, num_sub,
+              backend="torch")
+    assert got[1].dtype == torch.float32 and got[2].dtype == torch.float16
+    want = run(reference_loss, grad.float().double(), act.half().double(), offsets, num_sub)
+    torch.testing.assert_close(got[0].double(), want[0], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- gradcheck
+@pytest.mark.parametrize("mode", ["contrastive", "sq_only"])
+def test_gradcheck_torch_backend(mode):
+    # a margin keeps every hinge away from its kink, where finite differences are undefined
+    grad, act, offsets, num_sub = make_inputs([4, 3, 5], [1, 1, 2], dim=6, seed=2)
+    fn = lambda g, a: contrastive_gradient_loss(g, a, offsets, num_sub, margin=0.5, mode=mode,  # noqa: E731
+                                                reduction="none", backend="torch")
+    assert torch.autograd.gradcheck(fn, (grad.requires_grad_(), act.requires_grad_()))
+    sim = lambda g, a: gradcam_similarity(g, a, offsets, backend="torch")  # noqa: E731
+    assert torch.autograd.gradcheck(sim, (grad, act))
+
+
+def test_inputs_are_not_modified():
+    grad, act, offsets, num_sub = make_inputs(*RAGGED, dim=8)
+    before = [t.clone() for t in (grad, act, offsets, num_sub)]
+    g, a = grad.requires_grad_(), act.requires_grad_()
+    contrastive_gradient_loss(g, a, offsets, num_sub, backend="torch").backward()
+    for t, b in zip((grad, act, offsets, num_sub), before):
+        assert torch.equal(t.detach(), b)
+
+
+def test_module_wrapper():
+    grad, act, offsets, num_sub = make_inputs(*RAGGED, dim=8)
+    module = sort_fast.ContrastiveGradientLoss(margin=0.1, mode="contrastive", reduction="sum")
+    torch.testing.assert_close(module(grad, act, offsets, num_sub),
+                               reference_loss(grad, act, offsets, num_sub, margin=0.1,
+                                              reduction="sum"))
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "change, exc, match",
+    [
+        (dict(offsets=torch.tensor([0, 30, 29])), ValueError, "group 1 has offsets\\[1\\]=30"),
+        (dict(offsets=torch.tensor([0, 4, 29], dtype=torch.int32)), ValueError, "int64"),
+        (dict(offsets=torch.tensor([1, 4, 29])), ValueError, "offsets\\[0\\] must be 0"),
+        (dict(offsets=torch.tensor([0, 4, 30])), ValueError, "does not match the 29 rows"),
+        (dict(offsets=[0, 4, 29]), TypeError, "offsets must be a torch.Tensor"),
+        (dict(num_sub=torch.tensor([1, 0])), ValueError, "group 1 has num_sub=0"),
+        (dict(num_sub=torch.tensor([4, 1])), ValueError, "group 0 has num_sub=4 but only 3"),
+        (dict(num_sub=torch.tensor([1])), ValueError, "one entry per group"),
+        (dict(grad=torch.zeros(29, 5, dtype=torch.int64)), TypeError, "grad must be float"),
+        (dict(act=torch.zeros(28, 5)), ValueError, "differ in shape"),
+        (dict(act=torch.zeros(29)), ValueError, "act must be 2-D"),
+        (dict(mode="both"), ValueError, "mode must be one of"),
+        (dict(reduction="avg"), ValueError, "reduction must be one of"),
+        (dict(eps=0.0), ValueError, "eps must be a positive"),
+        (dict(margin=float("nan")), ValueError, "margin must be a finite"),
+        (dict(backend="cuda"), ValueError, "backend must be one of"),
+    ],
+)
+def test_bad_input(change, exc, match):
+    args = dict(grad=torch.randn(29, 5), act=torch.randn(29, 5),
+                offsets=torch.tensor([0, 4, 29]), num_sub=torch.tensor([1, 2]))
+    args.update(change)
+    kwargs = {k: args.pop(k) for k in list(args) if k not in ("grad", "act", "offsets", "num_sub")}
+    with pytest.raises(exc, match=match):
+        contrastive_gradient_loss(args["grad"], args["act"], args["offsets"], args["num_sub"],
+                                  **kwargs)
