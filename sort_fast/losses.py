@@ -1,0 +1,95 @@
+"""The total SOrT loss (SPEC §3, paper Eq. 3) as a drop-in ``nn.Module``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layout import ROLE_IRRELEVANT, ROLE_REASONING, ROLE_SUB, row_roles
+from .ops.contrastive_loss import MODES, contrastive_gradient_loss
+
+__all__ = ["SOrTLoss", "SOrTLossOutput", "role_bce"]
+
+
+@dataclass
+class SOrTLossOutput:
+    """The total loss and its parts (all scalars; ``total`` carries the graph)."""
+
+    total: torch.Tensor
+    contrastive: torch.Tensor
+    bce_reasoning: torch.Tensor
+    bce_sub: torch.Tensor
+    bce_irrelevant: torch.Tensor
+
+    def as_dict(self) -> Dict[str, float]:
+        """Detached Python floats, for logging."""
+        return {f.name: float(getattr(self, f.name).detach()) for f in fields(self)}
+
+
+def role_bce(scores: torch.Tensor, targets: torch.Tensor, offsets: torch.Tensor,
+             num_sub: torch.Tensor) -> torch.Tensor:
+    """BCE-with-logits against soft targets per role, ``[3]`` (reasoning, sub, irrelevant).
+
+    As in Pythia, each question's BCE is summed over answers; a role's value is the mean over
+    its questions (0 for a role without questions). ``scores``/``targets``: ``[T, A]``.
+    """
+    dtype = torch.promote_types(scores.dtype, torch.float32)  # at least float32 under autocast
+    per_row = F.binary_cross_entropy_with_logits(
+        scores.to(dtype), targets.to(dtype), reduction="none").sum(1)
+    roles = row_roles(offsets, num_sub, offsets[1:] - offsets[:-1])
+    sums = torch.zeros(3, dtype=per_row.dtype, device=per_row.device).index_add_(0, roles, per_row)
+    counts = torch.bincount(roles, minlength=3).clamp_min(1)
+    return sums / counts
+
+
+class SOrTLoss(nn.Module):
+    """``L = L_CG + λ1·BCE(reasoning) + λ2·BCE(sub) + λ3·BCE(irrelevant)`` (paper Eq. 3).
+
+    Defaults are the paper's best ``λ1 = λ2 = 2.27, λ3 = 0.0003`` and margin 0. ``mode`` is
+    ``"contrastive"`` (sub-questions and irrelevant questions) or ``"sq_only"`` (the paper's
+    SOrT-with-only-SQ ablation). Works under ``torch.autocast``; inputs are never modified.
+    """
+
+    def __init__(self, lambda_reasoning: float = 2.27, lambda_sub: float = 2.27,
+                 lambda_irrelevant: float = 3e-4, margin: float = 0.0,
+                 mode: str = "contrastive", eps: float = 1e-8, backend: str = "auto") -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        for name, value in (("lambda_reasoning", lambda_reasoning), ("lambda_sub", lambda_sub),
+                            ("lambda_irrelevant", lambda_irrelevant)):
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        self.lambdas = (float(lambda_reasoning), float(lambda_sub), float(lambda_irrelevant))
+        self.margin, self.mode, self.eps, self.backend = margin, mode, eps, backend
+
+    def forward(self, scores: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor,
+                act: torch.Tensor, offsets: torch.Tensor,
+                num_sub: torch.Tensor) -> SOrTLossOutput:
+        """Args: ``scores``/``targets`` ``[T, A]`` (logits, soft VQA targets); ``grad``/``act``
+        ``[T, D]`` (``dy_c/dA`` with its graph, and ``A``); ``offsets [N+1]``, ``num_sub [N]``."""
+        for name, t in (("scores", scores), ("targets", targets)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 2:
+                raise ValueError(f"{name} must be a 2-D tensor [T, A]")
+        if scores.shape != targets.shape:
+            raise ValueError(
+                f"scores {tuple(scores.shape)} and targets {tuple(targets.shape)} differ in shape")
+        if isinstance(grad, torch.Tensor) and scores.shape[0] != grad.shape[0]:
+            raise ValueError(f"scores has {scores.shape[0]} rows but grad has {grad.shape[0]}")
+        contrastive = contrastive_gradient_loss(grad, act, offsets, num_sub, margin=self.margin,
+                                                mode=self.mode, eps=self.eps,
+                                                backend=self.backend)
+        bce = role_bce(scores, targets, offsets, num_sub)
+        lr, ls, li = self.lambdas
+        total = (contrastive + lr * bce[ROLE_REASONING] + ls * bce[ROLE_SUB]
+                 + li * bce[ROLE_IRRELEVANT])
+        return SOrTLossOutput(total, contrastive, bce[ROLE_REASONING], bce[ROLE_SUB],
+                              bce[ROLE_IRRELEVANT])
+
+    def extra_repr(self) -> str:
+        lr, ls, li = self.lambdas
+        return (f"lambda_reasoning={lr}, lambda_sub={ls}, lambda_irrelevant={li}, "
+                f"margin={self.margin}, mode={self.mode!r}")

@@ -1,0 +1,99 @@
+"""SOrTLoss (paper Eq. 3) against a plain-autograd reference, including second-order gradients."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sort_fast import SOrTLoss
+from test_contrastive_loss import make_inputs, reference_loss, RAGGED  # noqa: I001
+
+
+def reference_total(scores, targets, grad, act, offsets, num_sub, lambdas, mode, margin):
+    per_role = [[], [], []]
+    for g in range(num_sub.numel()):
+        a, b, k = int(offsets[g]), int(offsets[g + 1]), int(num_sub[g])
+        for row in range(a, b):
+            role = 0 if row == a else (1 if row <= a + k else 2)
+            per_role[role].append(F.binary_cross_entropy_with_logits(
+                scores[row].double(), targets[row].double(), reduction="sum"))
+    bce = [torch.stack(v).mean() if v else scores.sum() * 0 for v in per_role]
+    cg = reference_loss(grad, act, offsets, num_sub, margin=margin, mode=mode)
+    return cg + sum(lam * b for lam, b in zip(lambdas, bce)), cg, bce
+
+
+def head_and_batch(seed=0):
+    torch.manual_seed(seed)
+    head = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 6)).double()
+    grad_unused, h, offsets, num_sub = make_inputs(*RAGGED, dim=12, seed=seed)
+    targets = torch.rand(h.shape[0], 6, dtype=torch.float64)
+    targets[targets < 0.6] = 0.0
+    return head, h, offsets, num_sub, targets
+
+
+def gradcam_step(head, h, targets):
+    h = h.detach().clone().requires_grad_()
+    scores = head(h)
+    classes = targets.argmax(1)
+    (grad,) = torch.autograd.grad(scores.gather(1, classes[:, None]).sum(), h, create_graph=True)
+    return h, scores, grad
+
+
+@pytest.mark.parametrize("mode, margin", [("contrastive", 0.0), ("contrastive", 0.2),
+                                          ("sq_only", 0.0)])
+def test_sort_loss_matches_reference_second_order(mode, margin):
+    head, h0, offsets, num_sub, targets = head_and_batch()
+    lambdas = (2.27, 1.5, 3e-4)
+    loss_fn = SOrTLoss(*lambdas, margin=margin, mode=mode, backend="torch")
+
+    h, scores, grad = gradcam_step(head, h0, targets)
+    out = loss_fn(scores, targets, grad, h, offsets, num_sub)
+    got = torch.autograd.grad(out.total, [h, *head.parameters()])
+
+    h_ref, scores_ref, grad_ref = gradcam_step(head, h0, targets)
+    total, cg, bce = reference_total(scores_ref, targets, grad_ref, h_ref, offsets, num_sub,
+                                     lambdas, mode, margin)
+    want = torch.autograd.grad(total, [h_ref, *head.parameters()])
+
+    torch.testing.assert_close(out.total, total)
+    torch.testing.assert_close(out.contrastive, cg)
+    for part, ref in zip((out.bce_reasoning, out.bce_sub, out.bce_irrelevant), bce):
+        torch.testing.assert_close(part, ref)
+    for g, w in zip(got, want):  # includes the second-order path through dy_c/dA
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+    assert set(out.as_dict()) == {"total", "contrastive", "bce_reasoning", "bce_sub",
+                                  "bce_irrelevant"}
+
+
+def test_sort_loss_under_autocast():
+    head, h0, offsets, num_sub, targets = head_and_batch(1)
+    head = head.float()
+    loss_fn = SOrTLoss()
+    h, scores, grad = gradcam_step(head, h0.float(), targets.float())
+    exact = loss_fn(scores, targets.float(), grad, h, offsets, num_sub).total
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h, scores, grad = gradcam_step(head, h0.float(), targets.float())
+        assert scores.dtype == torch.bfloat16
+        out = loss_fn(scores, targets.float(), grad, h, offsets, num_sub)
+    assert out.total.dtype == torch.float32
+    out.total.backward()
+    assert all(torch.isfinite(p.grad).all() for p in head.parameters())
+    # bf16 matmuls in the head: a loose, stated tolerance
+    torch.testing.assert_close(out.total, exact.detach(), rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(mode="triplet"), "mode must be one of"), (dict(lambda_sub=-1.0), "lambda_sub")],
+)
+def test_sort_loss_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SOrTLoss(**kwargs)
+
+
+def test_sort_loss_bad_shapes():
+    head, h0, offsets, num_sub, targets = head_and_batch()
+    h, scores, grad = gradcam_step(head, h0, targets)
+    with pytest.raises(ValueError, match="differ in shape"):
+        SOrTLoss()(scores, targets[:, :3], grad, h, offsets, num_sub)
+    with pytest.raises(ValueError, match="rows but grad has"):
+        SOrTLoss()(scores[:-1], targets[:-1], grad, h, offsets, num_sub)
