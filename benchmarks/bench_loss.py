@@ -1,0 +1,173 @@
+"""Contrastive gradient loss: the fused op against the naive paths of SPEC §7.
+
+Run::
+
+    python -m pytest benchmarks/bench_loss.py --benchmark-only \\
+        --benchmark-columns=min,median,mean,rounds --benchmark-group-by=group -q
+
+Inputs: ``grad`` and ``act`` ``[T, D]`` float32 leaves at Pythia width (D = 5000), 64 groups of
+~10.5 questions (``pythia``) and 512 groups (``pythia_x8``); layout from
+:func:`common.packed_layout`. Paths:
+
+* ``fused``: :func:`sort_fast.contrastive_gradient_loss` (Triton on CUDA, the torch backend on
+  CPU), hand-written backward.
+* ``vectorized``: packed layout, ``F.cosine_similarity`` and a dense padded pairwise hinge in
+  plain PyTorch, autograd backward.
+* ``compiled``: ``torch.compile`` of ``vectorized``.
+* ``loop``: the authors' way, one ``(R, S, I)`` triple at a time in a Python loop.
+
+Groups ``loss-{forward,backward,full}-{size}`` time the forward (building the graph), the
+backward alone (forward done in untimed setup) and both. Every path's loss and gradients are
+checked against the fused op once per size before timing; the full-pass benchmarks store peak
+memory (MB, :func:`common.peak_memory_bytes`) in ``extra_info``.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Dict
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common import DEVICE, packed_layout, peak_memory_bytes, synchronize
+from sort_fast import contrastive_gradient_loss
+
+DIM = 5000
+SIZES = {"pythia": 64, "pythia_x8": 512}
+
+
+def fused_loss(grad, act, offsets, num_sub):
+    return contrastive_gradient_loss(grad, act, offsets, num_sub)
+
+
+def vectorized_loss(grad, act, offsets, num_sub, eps=1e-8):
+    """SPEC §7 vectorised autograd path: packed rows, cosine_similarity, dense pairwise hinge."""
+    G = grad * act
+    start, sizes = offsets[:-1], offsets[1:] - offsets[:-1]
+    num_groups, num_rows = sizes.numel(), G.shape[0]
+    gid = torch.repeat_interleave(torch.arange(num_groups, device=G.device), sizes,
+                                  output_size=num_rows)
+    cos = F.cosine_similarity(G, G[start][gid], dim=1, eps=eps)
+    pos = torch.arange(num_rows, device=G.device) - start[gid]
+    width = int(sizes.max())
+    padded = torch.zeros(num_groups, width, dtype=cos.dtype, device=G.device)
+    padded = padded.index_put((gid, pos), cos)
+    slot = torch.arange(width, device=G.device)[None, :]
+    is_sub = (slot >= 1) & (slot <= num_sub[:, None])
+    is_irr = (slot > num_sub[:, None]) & (slot < sizes[:, None])
+    hinge = F.relu(padded[:, None, :] - padded[:, :, None])  # [N, sub k, irrelevant m]
+    pair = is_sub[:, :, None] & is_irr[:, None, :]
+    num_irr = sizes - 1 - num_sub
+    per_group = (hinge * pair).sum((1, 2)) / (num_sub * num_irr).clamp_min(1)
+    return per_group[num_irr > 0].mean()
+
+
+def loop_loss(grad, act, offsets, num_sub):
+    """The authors' training loss: a Python loop over (reasoning, sub, irrelevant) triples."""
+    G = grad * act
+    losses = []
+    for g in range(num_sub.numel()):
+        a, b, k = int(offsets[g]), int(offsets[g + 1]), int(num_sub[g])
+        r = G[a:a + 1]
+        for s in range(a + 1, a + 1 + k):
+            for i in range(a + 1 + k, b):
+                sim_i = F.cosine_similarity(r, G[i:i + 1])
+                sim_s = F.cosine_similarity(r, G[s:s + 1])
+                losses.append(F.relu(sim_i - sim_s))
+    # mean over pairs of a group, then over groups (as the fused op defines it)
+    per_pair = torch.cat(losses)
+    pairs = num_sub * (offsets[1:] - offsets[:-1] - 1 - num_sub)
+    group = torch.repeat_interleave(torch.arange(pairs.numel(), device=G.device), pairs)
+    per_group = torch.zeros(pairs.numel(), device=G.device).index_add(0, group, per_pair)
+    return (per_group[pairs > 0] / pairs[pairs > 0]).mean()
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_loss() -> Callable:
+    return torch.compile(vectorized_loss)
+
+
+PATHS: Dict[str, Callable] = {
+    "fused": fused_loss,
+    "vectorized": vectorized_loss,
+    "compiled": lambda *a: compiled_loss()(*a),
+    "loop": loop_loss,
+}
+
+
+@functools.lru_cache(maxsize=None)
+def inputs(size: str):
+    offsets, num_sub = packed_layout(SIZES[size], seed=1)
+    gen = torch.Generator().manual_seed(2)
+    rows = int(offsets[-1])
+    grad = torch.randn(rows, DIM, generator=gen).to(DEVICE).requires_grad_()
+    act = torch.rand(rows, DIM, generator=gen).to(DEVICE).requires_grad_()
+    return grad, act, offsets, num_sub
+
+
+def run_full(path: str, size: str):
+    grad, act, offsets, num_sub = inputs(size)
+    loss = PATHS[path](grad, act, offsets, num_sub)
+    dgrad, dact = torch.autograd.grad(loss, (grad, act))
+    synchronize()
+    return loss, dgrad, dact
+
+
+@functools.lru_cache(maxsize=None)
+def checked(path: str, size: str) -> None:
+    """Fails the benchmark (or skips compile where it cannot) unless values and grads agree."""
+    try:
+        got = run_full(path, size)
+    except Exception as e:  # torch.compile without a working toolchain
+        if path == "compiled":
+            pytest.skip(f"torch.compile failed: {type(e).__name__}: {e}")
+        raise
+    want = run_full("fused", size)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
+
+
+def _params(paths=PATHS):
+    return [pytest.param(p, s, id=f"{p}-{s}") for s in SIZES for p in paths
+            if not (p == "loop" and s != "pythia")]
+
+
+@pytest.mark.parametrize("path, size", _params())
+def test_forward(benchmark, path, size):
+    checked(path, size)
+    grad, act, offsets, num_sub = inputs(size)
+    benchmark.group = f"loss-forward-{size}"
+
+    def forward():
+        out = PATHS[path](grad, act, offsets, num_sub)
+        synchronize()
+        return out
+
+    benchmark.pedantic(forward, rounds=3 if path == "loop" else 15, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("path, size", _params())
+def test_backward(benchmark, path, size):
+    checked(path, size)
+    grad, act, offsets, num_sub = inputs(size)
+    benchmark.group = f"loss-backward-{size}"
+
+    def setup():
+        return (PATHS[path](grad, act, offsets, num_sub),), {}
+
+    def backward(loss):
+        torch.autograd.grad(loss, (grad, act))
+        synchronize()
+
+    benchmark.pedantic(backward, setup=setup, rounds=3 if path == "loop" else 15,
+                       warmup_rounds=1)
+
+
+@pytest.mark.parametrize("path, size", _params())
+def test_full(benchmark, path, size):
+    checked(path, size)
+    benchmark.group = f"loss-full-{size}"
+    benchmark.extra_info["peak_mb"] = peak_memory_bytes(lambda: run_full(path, size)) / 2**20
+    benchmark.pedantic(run_full, args=(path, size), rounds=3 if path == "loop" else 15,
+                       warmup_rounds=1)

@@ -1,0 +1,51 @@
+"""Shared pieces of the benchmark suites: synthetic packed batches and peak-memory measurement."""
+from __future__ import annotations
+
+from typing import Callable, Tuple
+
+import torch
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def packed_layout(num_groups: int, seed: int = 0,
+                  device: torch.device = DEVICE) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A layout shaped like the paper's data (SPEC §9): 1..4 sub-questions (mean 2.5) and 6..8
+    irrelevant questions per reasoning question. Returns ``offsets [N+1]``, ``num_sub [N]``."""
+    gen = torch.Generator().manual_seed(seed)
+    num_sub = torch.randint(1, 5, (num_groups,), generator=gen)
+    num_irr = torch.randint(6, 9, (num_groups,), generator=gen)
+    sizes = 1 + num_sub + num_irr
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
+    return offsets.to(device), num_sub.to(device)
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device = DEVICE) -> int:
+    """Peak bytes allocated by torch while ``fn()`` runs, above what was allocated before.
+
+    CUDA: the caching allocator's peak counter. CPU: the allocation/free events that
+    ``torch.profiler`` records (``profile_memory=True``), replayed in time order.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    current = peak = 0
+    for _, nbytes in events:
+        current += nbytes
+        peak = max(peak, current)
+    return peak
+
+
+def synchronize() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
