@@ -1,0 +1,55 @@
+"""VQA-HAT human attention maps (SPEC §8) and region weights painted onto the same grid."""
+from __future__ import annotations
+
+import os
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Collection, Dict, List, Optional
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+__all__ = ["load_hat_maps", "regions_to_map"]
+
+_HAT_NAME = re.compile(r"^(\d+)_(\d+)\.png$")
+
+
+def load_hat_maps(directory: "os.PathLike[str] | str", size: int = 14,
+                  question_ids: Optional[Collection[int]] = None) -> Dict[int, np.ndarray]:
+    """``{question_id: [size, size] float32 in [0, 1]}``: every ``{question_id}_{k}.png`` of
+    ``directory`` resized (bilinear) to ``size x size``, then averaged over ``k``.
+    ``question_ids`` restricts the questions read."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"{directory}: VQA-HAT maps must be a directory of PNGs")
+    files: Dict[int, List[Path]] = defaultdict(list)
+    for entry in sorted(os.listdir(directory)):
+        m = _HAT_NAME.match(entry)
+        if m and (question_ids is None or int(m.group(1)) in question_ids):
+            files[int(m.group(1))].append(directory / entry)
+    maps = {}
+    for qid, paths in files.items():
+        total = np.zeros((size, size), dtype=np.float32)
+        for path in paths:
+            try:
+                with Image.open(path) as img:
+                    small = img.convert("L").resize((size, size), Image.BILINEAR)
+            except (OSError, UnidentifiedImageError) as e:
+                raise ValueError(f"{path}: not a readable PNG ({e})") from None
+            total += np.asarray(small, dtype=np.float32) / 255.0
+        maps[qid] = total / len(paths)
+    return maps
+
+
+def regions_to_map(weights: np.ndarray, boxes: np.ndarray, size: int = 14) -> np.ndarray:
+    """Paints region weights ``[R]`` onto a ``[size, size]`` grid: each cell gets the sum of
+    the weights of the boxes ``[R, 4]`` (x1, y1, x2, y2 as fractions) covering its centre."""
+    weights, boxes = np.asarray(weights, dtype=np.float32), np.asarray(boxes, dtype=np.float32)
+    if weights.ndim != 1 or boxes.shape != (weights.shape[0], 4):
+        raise ValueError(f"weights must be [R] and boxes [R, 4], got {weights.shape} and "
+                         f"{boxes.shape}")
+    centres = (np.arange(size, dtype=np.float32) + 0.5) / size
+    in_x = (boxes[:, 0, None] <= centres) & (centres <= boxes[:, 2, None])     # [R, size]
+    in_y = (boxes[:, 1, None] <= centres) & (centres <= boxes[:, 3, None])
+    return np.einsum("r,ry,rx->yx", weights, in_y.astype(np.float32), in_x.astype(np.float32))

@@ -1,0 +1,183 @@
+"""A Pythia-style VQA model over packed groups (the model the SOrT authors tuned).
+
+question -> embedding -> LSTM -> self-attention pooling (``glimpses`` heads) -> ``q``;
+regions -> per-image projection, shared by every question of the image; question-guided
+softmax attention over the (masked) regions -> attended feature ``v``;
+``joint = relu_fc(v) * relu_fc(q)`` (the joint embedding, where Grad-CAM vectors are taken);
+``scores = BranchSum(text_branch, image_branch)(joint)`` (Pythia's logit classifier).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from ..data.group import PackedBatch
+from ..heads import BranchSum
+
+__all__ = ["PythiaConfig", "pythia_sizes", "PythiaOutput", "PythiaVQA"]
+
+
+@dataclass
+class PythiaConfig:
+    """Sizes of :class:`PythiaVQA`; the defaults suit the synthetic benchmark."""
+
+    vocab_size: int
+    num_answers: int
+    feature_dim: int = 64
+    embed_dim: int = 64
+    text_hidden: int = 128
+    text_attention_hidden: int = 64
+    text_glimpses: int = 2
+    attention_hidden: int = 128
+    joint_dim: int = 256
+    classifier_text_hidden: int = 128
+    classifier_image_hidden: int = 256
+    classifier_dropout: float = 0.1
+    joint_dropout: float = 0.1
+
+
+def pythia_sizes(vocab_size: int, num_answers: int = 3129) -> PythiaConfig:
+    """Pythia v0.1's VQAv2 sizes: 2048-d regions, 300-d GloVe, 1024-d LSTM with 2 glimpses,
+    5000-d attention and joint spaces, logit classifier with 300 (text) / 5000 (image) hidden
+    units, no dropout."""
+    return PythiaConfig(
+        vocab_size=vocab_size, num_answers=num_answers, feature_dim=2048, embed_dim=300,
+        text_hidden=1024, text_attention_hidden=512, text_glimpses=2, attention_hidden=5000,
+        joint_dim=5000, classifier_text_hidden=300, classifier_image_hidden=5000,
+        classifier_dropout=0.0, joint_dropout=0.0)
+
+
+def relu_fc(in_dim: int, out_dim: int) -> nn.Sequential:
+    """Pythia's ``ReLUWithWeightNormFC``: weight-normalised Linear then ReLU."""
+    return nn.Sequential(weight_norm(nn.Linear(in_dim, out_dim), dim=None), nn.ReLU())
+
+
+def _branch(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequential:
+    """One branch of the logit classifier: ``Linear(wn) -> ReLU -> Dropout -> Linear``."""
+    return nn.Sequential(weight_norm(nn.Linear(in_dim, hidden), dim=None), nn.ReLU(),
+                         nn.Dropout(dropout), nn.Linear(hidden, out_dim))
+
+
+@dataclass
+class PythiaOutput:
+    """``scores [T, A]`` logits, ``joint [T, D]`` (``scores == model.classifier(joint)``),
+    ``attention [T, R]`` region weights (0 on padded regions)."""
+
+    scores: torch.Tensor
+    joint: torch.Tensor
+    attention: torch.Tensor
+
+
+class QuestionEncoder(nn.Module):
+    """``tokens [T, L]``, ``lengths [T]`` -> ``[T, glimpses * hidden]`` (LSTM + self-attention
+    pooling over the valid time steps)."""
+
+    def __init__(self, cfg: PythiaConfig) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=0)
+        self.lstm = nn.LSTM(cfg.embed_dim, cfg.text_hidden, batch_first=True)
+        self.attention = nn.Sequential(nn.Linear(cfg.text_hidden, cfg.text_attention_hidden),
+                                       nn.ReLU(), nn.Linear(cfg.text_attention_hidden,
+                                                            cfg.text_glimpses))
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        packed = pack_padded_sequence(self.embedding(tokens), lengths.cpu(), batch_first=True,
+                                      enforce_sorted=False)
+        hidden, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True,
+                                        total_length=tokens.shape[1])        # [T, L, H]
+        valid = torch.arange(tokens.shape[1], device=tokens.device) < lengths[:, None]
+        logits = self.attention(hidden).masked_fill(~valid[:, :, None], float("-inf"))
+        weights = logits.softmax(dim=1)                                      # [T, L, G]
+        return torch.einsum("tlg,tlh->tgh", weights, hidden).flatten(1)
+
+
+def _slots(image_index: torch.Tensor, num_images: int) -> Tuple[torch.Tensor, int]:
+    """Position of every question among the questions of its image ``[T]`` and the largest
+    number of questions on one image (lays the questions out as ``[I, Q, ...]``)."""
+    order = torch.argsort(image_index, stable=True)
+    counts = torch.bincount(image_index, minlength=num_images)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(image_index)
+    slot[order] = torch.arange(image_index.numel(), device=image_index.device) - starts[
+        image_index[order]]
+    return slot, int(counts.max())
+
+
+class PythiaVQA(nn.Module):
+    """Pythia-style VQA over a :class:`~sort_fast.data.PackedBatch`.
+
+    The image side (``image_projection`` of the regions) runs once per image of the batch, not
+    once per question; questions reach their image's regions through ``batch.image_index``
+    with batched matmuls, so nothing of size ``[T, R, F]`` is materialised.
+    ``classifier`` is a :class:`~sort_fast.heads.BranchSum` of two
+    ``Sequential(Linear(wn), ReLU, Dropout, Linear)`` branches over ``joint``.
+    Deviation from Pythia: the attention scorer is linear in the image and question
+    projections (no dropout between them), which is what lets it factor per image.
+    """
+
+    def __init__(self, config: PythiaConfig) -> None:
+        super().__init__()
+        self.config = cfg = config
+        q_dim = cfg.text_glimpses * cfg.text_hidden
+        self.question_encoder = QuestionEncoder(cfg)
+        self.image_projection = relu_fc(cfg.feature_dim, cfg.attention_hidden)
+        self.question_projection = relu_fc(q_dim, cfg.attention_hidden)
+        self.attention_scorer = nn.Linear(cfg.attention_hidden, 1)
+        self.image_fusion = relu_fc(cfg.feature_dim, cfg.joint_dim)
+        self.question_fusion = relu_fc(q_dim, cfg.joint_dim)
+        self.joint_dropout = nn.Dropout(cfg.joint_dropout)
+        self.classifier = BranchSum(
+            _branch(cfg.joint_dim, cfg.classifier_text_hidden, cfg.num_answers,
+                    cfg.classifier_dropout),
+            _branch(cfg.joint_dim, cfg.classifier_image_hidden, cfg.num_answers,
+                    cfg.classifier_dropout),
+        )
+
+    def init_word_embeddings(self, weights: torch.Tensor) -> None:
+        """Copies ``[vocab_size, embed_dim]`` vectors (e.g. from
+        :func:`~sort_fast.data.load_word_vectors`) into the question embedding."""
+        emb = self.question_encoder.embedding.weight
+        if weights.shape != emb.shape:
+            raise ValueError(f"word vectors must be {tuple(emb.shape)}, got {tuple(weights.shape)}")
+        with torch.no_grad():
+            emb.copy_(weights)
+
+    def forward(self, batch: PackedBatch) -> PythiaOutput:
+        if not isinstance(batch, PackedBatch):
+            raise TypeError(f"PythiaVQA takes a PackedBatch, got {type(batch).__name__}")
+        feats, mask, index = batch.image_features, batch.image_mask, batch.image_index
+        if feats.shape[-1] != self.config.feature_dim:
+            raise ValueError(f"image features have {feats.shape[-1]} dims, the model expects "
+                             f"{self.config.feature_dim}")
+        q = self.question_encoder(batch.question_tokens, batch.question_lengths)   # [T, Dq]
+        img = self.image_projection(feats)                                         # [I, R, H]
+        qp = self.question_projection(q) * self.attention_scorer.weight[0]         # [T, H]
+        slot, per_image = _slots(index, feats.shape[0])
+        q_grid = qp.new_zeros(feats.shape[0], per_image, qp.shape[1])
+        q_grid[index, slot] = qp
+        logits = torch.bmm(q_grid, img.transpose(1, 2))[index, slot]               # [T, R]
+        logits = logits + self.attention_scorer.bias
+        attention = logits.masked_fill(~mask[index], float("-inf")).softmax(dim=1)
+        a_grid = attention.new_zeros(feats.shape[0], per_image, feats.shape[1])
+        a_grid[index, slot] = attention
+        attended = torch.bmm(a_grid, feats)[index, slot]                          # [T, F]
+        joint = self.joint_dropout(self.image_fusion(attended) * self.question_fusion(q))
+        return PythiaOutput(scores=self.classifier(joint), joint=joint, attention=attention)
+
+    def region_gradcam(self, batch: PackedBatch, classes: Optional[torch.Tensor] = None,
+                       *, create_graph: bool = False) -> torch.Tensor:
+        """Region-level Grad-CAM ``[T, R]``: ``attention * d y_c / d attention`` (the gradient
+        of the class score w.r.t. each attended region, times its weight, summed over
+        features), 0 on padded regions. ``classes [T]`` defaults to ``batch.classes``."""
+        classes = batch.classes if classes is None else classes
+        with torch.enable_grad():
+            out = self(batch)
+            y = out.scores.gather(1, classes[:, None]).sum()
+            (grad,) = torch.autograd.grad(y, out.attention, create_graph=create_graph)
+        cam = grad * out.attention
+        return cam if create_graph else cam.detach()

@@ -1,0 +1,136 @@
+import pytest
+import torch
+from torch import nn
+
+from sort_fast.data import SyntheticIntrospect, collate_groups
+from sort_fast.heads import BranchSum
+from sort_fast.models import PythiaConfig, PythiaVQA, pythia_sizes
+
+
+@pytest.fixture(scope="module")
+def data():
+    ds = SyntheticIntrospect(seed=3, split="val", num_groups=12)
+    return ds, collate_groups(list(ds))
+
+
+def _model(ds, **kw) -> PythiaVQA:
+    cfg = PythiaConfig(len(ds.vocab), ds.num_answers, embed_dim=16, text_hidden=24,
+                       attention_hidden=20, joint_dim=32, classifier_text_hidden=12,
+                       classifier_image_hidden=20, **kw)
+    return PythiaVQA(cfg)
+
+
+def test_shapes_and_scores_are_classifier_of_joint(data):
+    ds, batch = data
+    model = _model(ds).eval()
+    out = model(batch)
+    t, r = batch.num_questions, batch.image_features.shape[1]
+    assert out.scores.shape == (t, ds.num_answers)
+    assert out.joint.shape == (t, 32)
+    assert out.attention.shape == (t, r)
+    torch.testing.assert_close(out.scores, model.classifier(out.joint))
+    # attention: a distribution over each question's real regions only
+    torch.testing.assert_close(out.attention.sum(1), torch.ones(t))
+    assert bool((out.attention[~batch.image_mask[batch.image_index]] == 0).all())
+
+
+def test_classifier_structure_is_pythia_logit_classifier(data):
+    model = _model(data[0], classifier_dropout=0.3)
+    assert isinstance(model.classifier, BranchSum)
+    assert len(model.classifier.branches) == 2
+    for branch in model.classifier.branches:
+        kinds = (nn.Linear, nn.ReLU, nn.Dropout, nn.Linear)
+        assert len(branch) == 4 and all(isinstance(m, k) for m, k in zip(branch, kinds))
+        assert branch[2].p == 0.3
+        assert hasattr(branch[0].parametrizations, "weight")  # weight norm on the first Linear
+        assert branch[0].parametrizations.weight.original0.numel() == 1  # dim=None: one scalar g
+
+
+def test_image_side_runs_once_per_image(data):
+    ds, batch = data
+    assert len(batch.image_ids) < batch.num_groups < batch.num_questions
+    model = _model(ds)
+    seen = []
+    model.image_projection.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape))
+    model(batch)
+    assert seen == [batch.image_features.shape]
+
+
+def test_attention_matches_per_question_reference(data):
+    """The per-image factorised attention equals the naive per-question computation."""
+    ds, batch = data
+    model = _model(ds).eval()
+    out = model(batch)
+    feats = batch.image_features[batch.image_index]                       # [T, R, F]
+    q = model.question_encoder(batch.question_tokens, batch.question_lengths)
+    h = model.image_projection(feats) * model.question_projection(q)[:, None]
+    logits = model.attention_scorer(h).squeeze(-1)
+    logits = logits.masked_fill(~batch.image_mask[batch.image_index], float("-inf"))
+    attention = logits.softmax(1)
+    torch.testing.assert_close(out.attention, attention)
+    attended = (attention[:, :, None] * feats).sum(1)
+    joint = model.image_fusion(attended) * model.question_fusion(q)
+    torch.testing.assert_close(out.joint, joint)
+
+
+def test_output_invariant_to_batch_composition(data):
+    ds, batch = data
+    model = _model(ds).eval()
+    full = model(batch).scores
+    first = collate_groups([ds[0]])
+    n = int(batch.offsets[1])
+    torch.testing.assert_close(model(first).scores, full[:n], atol=1e-5, rtol=1e-5)
+
+
+def test_region_gradcam(data):
+    ds, batch = data
+    model = _model(ds).eval()
+    cam = model.region_gradcam(batch)
+    assert cam.shape == batch.image_mask[batch.image_index].shape
+    assert not cam.requires_grad
+    assert bool((cam[~batch.image_mask[batch.image_index]] == 0).all())
+    assert cam.abs().sum() > 0
+    # finite-difference check of d y_c / d attention for one question through the attended vector
+    out = model(batch)
+    t, c = 0, int(batch.classes[0])
+    feats = batch.image_features[batch.image_index[t]]
+    q = model.question_encoder(batch.question_tokens[:1], batch.question_lengths[:1])
+    attention = out.attention[t].detach().requires_grad_(True)
+    y = model.classifier(model.image_fusion(attention @ feats) * model.question_fusion(q))[0, c]
+    (grad,) = torch.autograd.grad(y, attention)
+    torch.testing.assert_close(cam[t], grad * attention.detach())
+    with_graph = model.region_gradcam(batch, create_graph=True)
+    assert with_graph.requires_grad
+
+
+def test_backward_reaches_every_parameter(data):
+    ds, batch = data
+    model = _model(ds)
+    out = model(batch)
+    (out.scores.sum() + out.joint.sum()).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert missing == []
+
+
+def test_word_embeddings_and_errors(data):
+    ds, batch = data
+    model = _model(ds)
+    w = torch.randn(len(ds.vocab), 16)
+    model.init_word_embeddings(w)
+    torch.testing.assert_close(model.question_encoder.embedding.weight.detach(), w)
+    with pytest.raises(ValueError, match="word vectors"):
+        model.init_word_embeddings(torch.randn(3, 16))
+    with pytest.raises(TypeError, match="PackedBatch"):
+        model(batch.image_features)
+    wrong = PythiaVQA(PythiaConfig(len(ds.vocab), ds.num_answers, feature_dim=8))
+    with pytest.raises(ValueError, match="64 dims"):
+        wrong(batch)
+
+
+def test_pythia_sizes():
+    cfg = pythia_sizes(vocab_size=1000)
+    assert (cfg.feature_dim, cfg.joint_dim, cfg.num_answers) == (2048, 5000, 3129)
+    assert (cfg.classifier_text_hidden, cfg.classifier_image_hidden) == (300, 5000)
+    with torch.device("meta"):  # build without allocating the ~100M parameters
+        model = PythiaVQA(cfg)
+    assert model.classifier.branches[1][3].out_features == 3129
