@@ -171,3 +171,45 @@ def test_full(benchmark, path, size):
     benchmark.extra_info["peak_mb"] = peak_memory_bytes(lambda: run_full(path, size)) / 2**20
     benchmark.pedantic(run_full, args=(path, size), rounds=3 if path == "loop" else 15,
                        warmup_rounds=1)
+
+
+def _copy_bandwidth(nbytes: int, repeats: int = 20) -> float:
+    """Device copy bandwidth in bytes/s (bytes read + written), median of ``repeats`` copies."""
+    src = torch.empty(nbytes // 8, dtype=torch.float32, device=DEVICE)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats + 2):
+        synchronize()
+        start = torch.cuda.Event(enable_timing=True) if DEVICE.type == "cuda" else None
+        if start is not None:
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            import time
+
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - t0)
+    times = sorted(times[2:])
+    return 2 * src.numel() * src.element_size() / times[len(times) // 2]
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_bandwidth_floor(benchmark, size):
+    """The fused full pass against the memory-bandwidth floor: forward and backward must read
+    ``grad`` and ``act`` once each and write ``dgrad`` and ``dact``: 6·T·D·bytes, moved at the
+    measured copy bandwidth. ``extra_info["floor_fraction"]`` = floor time / median time."""
+    checked("fused", size)
+    grad, _, _, _ = inputs(size)
+    must_move = 6 * grad.numel() * grad.element_size()
+    bandwidth = _copy_bandwidth(must_move)
+    benchmark.group = f"loss-floor-{size}"
+    benchmark.pedantic(run_full, args=("fused", size), rounds=15, warmup_rounds=1)
+    floor = must_move / bandwidth
+    benchmark.extra_info["copy_gb_per_s"] = bandwidth / 1e9
+    benchmark.extra_info["floor_ms"] = floor * 1e3
+    benchmark.extra_info["floor_fraction"] = floor / benchmark.stats.stats.median

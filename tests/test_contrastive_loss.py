@@ -6,6 +6,8 @@ import torch.nn.functional as F
 import sort_fast
 from sort_fast import contrastive_gradient_loss, gradcam_similarity
 
+from conftest import TRITON_DEVICE
+
 triton = pytest.importorskip("triton")
 from sort_fast.ops import contrastive_loss_kernels  # noqa: E402  (needs TRITON_INTERPRET first)
 
@@ -73,13 +75,17 @@ def make_inputs(sizes, num_sub, dim, dtype=torch.float64, zero_rows=(), seed=0):
 
 
 def run(fn, grad, act, *args, **kwargs):
-    grad = grad.detach().clone().requires_grad_()
-    act = act.detach().clone().requires_grad_()
+    """``fn``'s output and gradients for a fixed random upstream gradient, returned on the CPU;
+    ``backend="triton"`` runs on ``TRITON_DEVICE``."""
+    device = TRITON_DEVICE if kwargs.get("backend") == "triton" else torch.device("cpu")
+    grad = grad.detach().to(device).requires_grad_()
+    act = act.detach().to(device).requires_grad_()
+    args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
     out = fn(grad, act, *args, **kwargs)
     upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(7),
-                           dtype=torch.float64).to(out.dtype)
+                           dtype=torch.float64).to(device, out.dtype)
     dgrad, dact = torch.autograd.grad((out * upstream).sum(), (grad, act))
-    return out, dgrad, dact
+    return out.cpu(), dgrad.cpu(), dact.cpu()
 
 
 def assert_close_all(got, want, rtol, atol):
