@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["BranchSum"]
+__all__ = ["BranchSum", "mlp_head", "pythia_classifier"]
 
 
 class BranchSum(nn.Module):
@@ -26,3 +26,25 @@ class BranchSum(nn.Module):
         for branch in self.branches[1:]:
             out = out + branch(h)
         return out
+
+
+def mlp_head(
+    in_dim: int, hidden: int, num_answers: int, *, dropout: float = 0.0, weight_norm: bool = False
+) -> nn.Sequential:
+    """``Linear(in_dim, hidden) -> ReLU -> Dropout -> Linear(hidden, num_answers)``; with
+    ``weight_norm`` the first Linear is weight-normalised (``dim=None``, as in Pythia)."""
+    first = nn.Linear(in_dim, hidden)
+    if weight_norm:
+        first = nn.utils.parametrizations.weight_norm(first, dim=None)
+    return nn.Sequential(first, nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_answers))
+
+
+def pythia_classifier(
+    in_dim: int, text_hidden: int, image_hidden: int, num_answers: int, *, dropout: float = 0.5
+) -> BranchSum:
+    """Pythia's logit classifier ``[T, in_dim] -> [T, num_answers]``: a text and an image
+    branch, each a weight-normalised ReLU layer, dropout and a linear layer, summed."""
+    return BranchSum(
+        mlp_head(in_dim, text_hidden, num_answers, dropout=dropout, weight_norm=True),
+        mlp_head(in_dim, image_hidden, num_answers, dropout=dropout, weight_norm=True),
+    )

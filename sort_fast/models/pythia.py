@@ -17,7 +17,7 @@ from torch.nn.utils.parametrizations import weight_norm
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ..data.group import PackedBatch
-from ..heads import BranchSum
+from ..heads import pythia_classifier
 
 __all__ = ["PythiaConfig", "pythia_sizes", "PythiaOutput", "PythiaVQA"]
 
@@ -55,12 +55,6 @@ def pythia_sizes(vocab_size: int, num_answers: int = 3129) -> PythiaConfig:
 def relu_fc(in_dim: int, out_dim: int) -> nn.Sequential:
     """Pythia's ``ReLUWithWeightNormFC``: weight-normalised Linear then ReLU."""
     return nn.Sequential(weight_norm(nn.Linear(in_dim, out_dim), dim=None), nn.ReLU())
-
-
-def _branch(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequential:
-    """One branch of the logit classifier: ``Linear(wn) -> ReLU -> Dropout -> Linear``."""
-    return nn.Sequential(weight_norm(nn.Linear(in_dim, hidden), dim=None), nn.ReLU(),
-                         nn.Dropout(dropout), nn.Linear(hidden, out_dim))
 
 
 @dataclass
@@ -131,12 +125,9 @@ class PythiaVQA(nn.Module):
         self.image_fusion = relu_fc(cfg.feature_dim, cfg.joint_dim)
         self.question_fusion = relu_fc(q_dim, cfg.joint_dim)
         self.joint_dropout = nn.Dropout(cfg.joint_dropout)
-        self.classifier = BranchSum(
-            _branch(cfg.joint_dim, cfg.classifier_text_hidden, cfg.num_answers,
-                    cfg.classifier_dropout),
-            _branch(cfg.joint_dim, cfg.classifier_image_hidden, cfg.num_answers,
-                    cfg.classifier_dropout),
-        )
+        self.classifier = pythia_classifier(cfg.joint_dim, cfg.classifier_text_hidden,
+                                            cfg.classifier_image_hidden, cfg.num_answers,
+                                            dropout=cfg.classifier_dropout)
 
     def init_word_embeddings(self, weights: torch.Tensor) -> None:
         """Copies ``[vocab_size, embed_dim]`` vectors (e.g. from

@@ -1,0 +1,366 @@
+"""Closed-form batched Grad-CAM of common classifier heads (SPEC §4).
+
+``head_gradcam(head, h, classes)`` returns the scores of ``head(h)`` and, per row, the gradient
+``g_t = d scores[t, c_t] / d h_t`` as a differentiable tensor. For a ReLU MLP head
+``y = W2 · dropout(relu(W1 h + b1)) + b2`` it is ``g = V · W1`` with ``V_t = M_t * W2[c_t]``,
+where ``M`` is the ReLU indicator times the dropout mask (scaled by ``1/(1-p)``) of this very
+forward pass. The product runs as one fused "masked row-gather matmul" (a Triton kernel on CUDA,
+PyTorch elsewhere) whose backward is written by hand; heads without a closed form fall back to
+``torch.autograd.grad(..., create_graph=True)``.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from ..heads import BranchSum
+
+try:  # the decorator reads TRITON_INTERPRET, so it must be set before this import
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is optional on CPU-only installs
+    triton = None
+
+__all__ = ["head_gradcam"]
+
+_BACKENDS = ("auto", "torch", "triton")
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_warned: set = set()
+
+# --------------------------------------------------------------------------- Triton kernel
+
+if triton is not None:
+
+    @triton.jit
+    def _gather_mm_kernel(
+        a_ptr, idx_ptr, amask_ptr, b_ptr, scale_ptr, out_ptr,
+        M, N, K,
+        s_ar, s_ac, s_mr, s_mc, s_bk, s_bn, s_sm, s_sn, s_om, s_on,
+        GATHER: tl.constexpr, A_MASK: tl.constexpr, TRANS_A: tl.constexpr,
+        SCALE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """``out = op(S) @ B [* scale]`` with ``S = amask * a[idx]`` (storage ``[R, C]``) and
+        ``op(S) = S`` (``[M, K]``) or ``S^T`` (``TRANS_A``); fp32 accumulation. ``UPCAST``
+        multiplies in fp32 (the interpreter's bfloat16 arithmetic is wrong in Triton 3.x)."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        m_ok = offs_m < M
+        n_ok = offs_n < N
+        rows_m = offs_m
+        if GATHER:
+            if not TRANS_A:
+                rows_m = tl.load(idx_ptr + offs_m, mask=m_ok, other=0)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + offs_k
+            k_ok = ks < K
+            ok = m_ok[:, None] & k_ok[None, :]
+            if TRANS_A:  # logical A[m, k] = S[k, m]: the gathered row index runs along K
+                rows_k = ks
+                if GATHER:
+                    rows_k = tl.load(idx_ptr + ks, mask=k_ok, other=0)
+                a_ptrs = a_ptr + rows_k[None, :] * s_ar + offs_m[:, None] * s_ac
+                m_ptrs = amask_ptr + ks[None, :] * s_mr + offs_m[:, None] * s_mc
+            else:
+                a_ptrs = a_ptr + rows_m[:, None] * s_ar + ks[None, :] * s_ac
+                m_ptrs = amask_ptr + offs_m[:, None] * s_mr + ks[None, :] * s_mc
+            a = tl.load(a_ptrs, mask=ok, other=0.0)
+            b = tl.load(b_ptr + ks[:, None] * s_bk + offs_n[None, :] * s_bn,
+                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if A_MASK:
+                a = a * tl.load(m_ptrs, mask=ok, other=0.0).to(a.dtype)
+            acc += tl.dot(a.to(b.dtype), b, input_precision=PRECISION)
+        out_ok = m_ok[:, None] & n_ok[None, :]
+        if SCALE:
+            scale = tl.load(scale_ptr + offs_m[:, None] * s_sm + offs_n[None, :] * s_sn, mask=out_ok, other=0.0)
+            acc *= scale.to(tl.float32)
+        tl.store(out_ptr + offs_m[:, None] * s_om + offs_n[None, :] * s_on,
+                 acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+
+
+def _gather_mm_triton(
+    a: torch.Tensor, idx: Optional[torch.Tensor], amask: Optional[torch.Tensor],
+    b: torch.Tensor, scale: Optional[torch.Tensor], trans_a: bool, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    if idx is not None:
+        idx = idx.contiguous()
+    s_shape = (idx.numel(), a.shape[1]) if idx is not None else tuple(a.shape)
+    m, k = (s_shape[1], s_shape[0]) if trans_a else s_shape
+    n = b.shape[1]
+    out = torch.empty((m, n), dtype=out_dtype, device=b.device)
+    if out.numel() == 0 or k == 0:
+        return out.zero_()
+    block_m, block_n, block_k = 64, 64, 32
+    if a.device.type == "cpu":  # interpreter: small tiles keep it fast enough for tests
+        block_m, block_n, block_k = 16, 16, 16
+    precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 and b.device.type == "cuda" else "ieee"
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    mask_strides = amask.stride() if amask is not None else (0, 0)
+    scale_strides = scale.stride() if scale is not None else (0, 0)
+    _gather_mm_kernel[grid](
+        a, idx if idx is not None else a, amask if amask is not None else a, b,
+        scale if scale is not None else a, out,
+        m, n, k,
+        a.stride(0), a.stride(1), *mask_strides, b.stride(0), b.stride(1), *scale_strides,
+        out.stride(0), out.stride(1),
+        GATHER=idx is not None, A_MASK=amask is not None, TRANS_A=trans_a,
+        SCALE=scale is not None, PRECISION=precision,
+        UPCAST=b.device.type == "cpu" and b.dtype == torch.bfloat16,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    )
+    return out
+
+
+def _gather_mm_torch(
+    a: torch.Tensor, idx: Optional[torch.Tensor], amask: Optional[torch.Tensor],
+    b: torch.Tensor, scale: Optional[torch.Tensor], trans_a: bool, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    s = a.index_select(0, idx) if idx is not None else a
+    if amask is not None:
+        s = s * amask
+    out = (s.t() if trans_a else s).to(b.dtype) @ b
+    if scale is not None:
+        out = out.mul_(scale)
+    return out.to(out_dtype)
+
+
+def _gather_mm(
+    backend: str, a: torch.Tensor, idx: Optional[torch.Tensor], amask: Optional[torch.Tensor],
+    b: torch.Tensor, scale: Optional[torch.Tensor] = None, *, trans_a: bool = False,
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """``op(amask * a[idx]) @ b [* scale]``, ``op`` the identity or the transpose."""
+    impl = _gather_mm_triton if backend == "triton" else _gather_mm_torch
+    return impl(a, idx, amask, b, scale, trans_a, out_dtype or b.dtype)
+
+
+# --------------------------------------------------------------------------- autograd Function
+
+
+class _MaskedGatherMM(torch.autograd.Function):
+    """``g = (M * W2[c]) @ W1``: ``M [T, H]``, ``c [T]``, ``W2 [A, H]``, ``W1 [H, D]`` -> ``[T, D]``.
+
+    ``M`` is a ReLU indicator times a dropout mask, piecewise constant: it gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, mask, classes, w2, w1, backend):  # type: ignore[override]
+        ctx.backend = backend
+        ctx.save_for_backward(mask, classes, w2, w1)
+        return _gather_mm(backend, w2, classes, mask, w1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_g):  # type: ignore[override]
+        mask, classes, w2, w1 = ctx.saved_tensors
+        backend = ctx.backend
+        grad_w2 = grad_w1 = None
+        if ctx.needs_input_grad[3]:  # dL/dW1 = V^T U
+            grad_w1 = _gather_mm(backend, w2, classes, mask, grad_g, trans_a=True, out_dtype=w1.dtype)
+        if ctx.needs_input_grad[2]:  # dL/dW2[c_t] += M_t * (U W1^T)_t, scatter-added by class
+            acc = torch.promote_types(w2.dtype, torch.float32)
+            rows = _gather_mm(backend, grad_g, None, None, w1.t(), mask, out_dtype=acc)
+            grad_w2 = torch.zeros(w2.shape, dtype=acc, device=w2.device)
+            grad_w2 = grad_w2.index_add_(0, classes, rows).to(w2.dtype)
+        return None, None, grad_w2, grad_w1, None
+
+
+# --------------------------------------------------------------------------- head structure
+
+
+@dataclass
+class _Term:
+    """``y = second(dropout(relu(first(h))))``, or ``y = first(h)`` when ``second`` is None."""
+
+    first: nn.Linear
+    dropout: Optional[nn.Dropout] = None
+    second: Optional[nn.Linear] = None
+
+
+def _plain(module: nn.Module, cls: type) -> bool:
+    """``module`` is a ``cls`` (parametrised or not) with its stock forward and no hooks."""
+    return (
+        isinstance(module, cls)
+        and type(module).forward is cls.forward
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+    )
+
+
+def _flatten(module: nn.Module) -> Iterator[nn.Module]:
+    if type(module) is nn.Sequential and not module._forward_hooks and not module._forward_pre_hooks:
+        for child in module:
+            yield from _flatten(child)
+    elif not _plain(module, nn.Identity):
+        yield module
+
+
+def _terms(head: nn.Module) -> Union[List[_Term], str]:
+    """The closed-form terms of ``head`` summed by its forward, or why there is none."""
+    if _plain(head, BranchSum):
+        terms: List[_Term] = []
+        for branch in head.branches:
+            sub = _terms(branch)
+            if isinstance(sub, str):
+                return sub
+            terms.extend(sub)
+        return terms
+    layers = list(_flatten(head))
+    code = {nn.Linear: "L", nn.ReLU: "R", nn.Dropout: "D"}
+    pattern = ""
+    for layer in layers:
+        kind = next((k for k in code if _plain(layer, k)), None)
+        if kind is None:
+            return f"module type {type(layer).__name__} is not recognised (or has hooks)"
+        pattern += code[kind]
+    if pattern == "L":
+        return [_Term(layers[0])]
+    if pattern in ("LRL", "LRDL", "LDRL"):  # dropout and ReLU commute (the mask is >= 0)
+        dropout = layers[1] if pattern == "LDRL" else layers[2] if pattern == "LRDL" else None
+        return [_Term(layers[0], dropout, layers[-1])]
+    names = [type(layer).__name__ for layer in layers]
+    return f"the layer sequence {names} is not Linear[-ReLU-[Dropout]-Linear]"
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _check_inputs(head: nn.Module, h: torch.Tensor, classes: torch.Tensor, backend: str) -> None:
+    if not isinstance(head, nn.Module):
+        raise TypeError(f"head must be an nn.Module, got {type(head).__name__}")
+    if not isinstance(h, torch.Tensor):
+        raise TypeError(f"h must be a torch.Tensor, got {type(h).__name__}")
+    if not h.is_floating_point():
+        raise TypeError(f"h must be a floating-point tensor, got {h.dtype}")
+    if h.dim() != 2:
+        raise ValueError(f"h must be 2-D [T, D], got shape {tuple(h.shape)}")
+    if not isinstance(classes, torch.Tensor):
+        raise TypeError(f"classes must be a torch.Tensor, got {type(classes).__name__}")
+    if classes.dtype != torch.int64:
+        raise TypeError(f"classes must be int64, got {classes.dtype}")
+    if classes.shape != (h.shape[0],):
+        raise ValueError(
+            f"classes must have shape [{h.shape[0]}] (one class per row of h), got {tuple(classes.shape)}"
+        )
+    if classes.device != h.device:
+        raise ValueError(f"classes is on {classes.device} but h is on {h.device}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+
+
+def _check_classes(classes: torch.Tensor, num_classes: int) -> None:
+    if classes.numel() == 0:
+        return
+    lo, hi = torch.stack([classes.min(), classes.max()]).tolist()
+    if lo < 0 or hi >= num_classes:
+        bad = int(((classes < 0) | (classes >= num_classes)).nonzero()[0, 0])
+        raise ValueError(
+            f"classes[{bad}]={int(classes[bad])} is outside [0, {num_classes}) (the head has "
+            f"{num_classes} outputs)"
+        )
+
+
+def _resolve_backend(backend: str, h: torch.Tensor) -> str:
+    if backend == "auto":
+        use = h.is_cuda and triton is not None and h.dtype in _TRITON_DTYPES
+        return "triton" if use else "torch"
+    if backend == "triton":
+        if triton is None:
+            raise RuntimeError("backend='triton' needs the triton package")
+        if h.dtype not in _TRITON_DTYPES:
+            raise TypeError(f"backend='triton' supports float32, float16 and bfloat16, got {h.dtype}")
+    return backend
+
+
+def _autograd_gradcam(
+    head: nn.Module, h: torch.Tensor, classes: torch.Tensor, times_input: bool
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    grad_enabled = torch.is_grad_enabled()
+    with torch.enable_grad():
+        x = h if h.requires_grad else h.detach().requires_grad_()
+        scores = head(x)
+        if scores.dim() != 2 or scores.shape[0] != h.shape[0]:
+            raise ValueError(f"head(h) must have shape [{h.shape[0]}, A], got {tuple(scores.shape)}")
+        _check_classes(classes, scores.shape[1])
+        (g,) = torch.autograd.grad(scores.gather(1, classes[:, None]).sum(), x, create_graph=grad_enabled)
+    out = g * x if times_input else g
+    return (scores, out) if grad_enabled else (scores.detach(), out.detach())
+
+
+def _term_gradcam(
+    term: _Term, h: torch.Tensor, classes: torch.Tensor, backend: str
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    w1 = term.first.weight  # the effective weight: parametrisations (weight norm) stay in the graph
+    w2 = term.second.weight if term.second is not None else w1
+    if w1.dtype != h.dtype or w2.dtype != h.dtype:
+        raise TypeError(f"h is {h.dtype} but the head's weights are {w1.dtype}/{w2.dtype}")
+    z = F.linear(h, w1, term.first.bias)
+    if term.second is None:  # g = W[c] (SPEC §4)
+        return z, w1.index_select(0, classes)
+    mask = (z > 0).to(z.dtype)
+    drop = term.dropout
+    if drop is not None and drop.training and drop.p > 0:
+        # the module itself draws the mask (scaled by 1/(1-p)), so RNG use matches head(h)
+        mask = mask * drop(torch.ones_like(z))
+    scores = F.linear(z * mask, w2, term.second.bias)
+    return scores, _MaskedGatherMM.apply(mask, classes, w2, w1, backend)
+
+
+def head_gradcam(
+    head: nn.Module,
+    h: torch.Tensor,
+    classes: torch.Tensor,
+    *,
+    backend: str = "auto",
+    times_input: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Scores and per-row Grad-CAM gradient of a classifier head (SPEC §4).
+
+    ``h [T, D]`` floating, ``classes [T]`` int64 -> ``(scores [T, A], grad [T, D])`` with
+    ``scores = head(h)`` and ``grad[t] = d scores[t, classes[t]] / d h[t]`` (or the Grad-CAM
+    vector ``grad * h`` when ``times_input``), differentiable w.r.t. ``h`` and the head's
+    parameters as ``torch.autograd.grad(..., create_graph=True)`` would be (once).
+
+    Closed form for ``nn.Linear``, ``Linear -> ReLU -> [Dropout] -> Linear`` (nested
+    ``nn.Sequential`` allowed, weights may be parametrised, e.g. weight norm) and ``BranchSum``
+    of those; any other head falls back to autograd with a one-time warning. ``backend``:
+    ``"triton"`` (fused kernels; CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` or
+    ``"auto"`` (Triton on CUDA).
+    """
+    _check_inputs(head, h, classes, backend)
+    terms = _terms(head)
+    if isinstance(terms, str):
+        key = (type(head).__name__, terms)
+        if key not in _warned:
+            _warned.add(key)
+            warnings.warn(
+                f"head_gradcam: no closed form for {type(head).__name__}: {terms}; "
+                "falling back to autograd with create_graph=True",
+                stacklevel=2,
+            )
+        return _autograd_gradcam(head, h, classes, times_input)
+    for term in terms:
+        if term.first.in_features != h.shape[1]:
+            raise ValueError(f"h has {h.shape[1]} features but the head expects {term.first.in_features}")
+    last = terms[0].second or terms[0].first
+    _check_classes(classes, last.out_features)
+    backend = _resolve_backend(backend, h)
+    scores, grad = _term_gradcam(terms[0], h, classes, backend)
+    for term in terms[1:]:
+        s, g = _term_gradcam(term, h, classes, backend)
+        scores, grad = scores + s, grad + g
+    # G = g * h through autograd: dL/dh = dL/dG * g, dL/dg = dL/dG * h (SPEC §3)
+    return scores, grad * h if times_input else grad
