@@ -10,6 +10,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from .ops.head_gradcam import check_class_range, check_classes
+
 __all__ = ["GradCAM"]
 
 
@@ -86,18 +88,8 @@ class GradCAM:
         act = self.activation
         if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
             raise ValueError(f"scores must be a 2-D [T, A] tensor, got {getattr(scores, 'shape', scores)}")
-        if not isinstance(classes, torch.Tensor):
-            raise TypeError(f"classes must be a torch.Tensor, got {type(classes).__name__}")
-        if classes.dtype != torch.int64:
-            raise TypeError(f"classes must be int64, got {classes.dtype}")
-        if classes.shape != (scores.shape[0],):
-            raise ValueError(
-                f"classes must have shape [{scores.shape[0]}] (one per row of scores), got {tuple(classes.shape)}"
-            )
-        if classes.device != scores.device:
-            raise ValueError(f"classes is on {classes.device} but scores is on {scores.device}")
-        if classes.numel() and not bool(((classes >= 0) & (classes < scores.shape[1])).all()):
-            raise ValueError(f"classes must lie in [0, {scores.shape[1]})")
+        check_classes(classes, scores.shape[0], scores.device)
+        check_class_range(classes, scores.shape[1])
         if not scores.requires_grad:
             raise RuntimeError("scores do not require grad: run the forward pass with grad enabled")
         # the gathered sum is the one-hot grad_outputs of the original code without the one-hot

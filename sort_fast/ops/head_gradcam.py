@@ -238,30 +238,22 @@ def _terms(head: nn.Module) -> Union[List[_Term], str]:
 # --------------------------------------------------------------------------- entry point
 
 
-def _check_inputs(head: nn.Module, h: torch.Tensor, classes: torch.Tensor, backend: str) -> None:
-    if not isinstance(head, nn.Module):
-        raise TypeError(f"head must be an nn.Module, got {type(head).__name__}")
-    if not isinstance(h, torch.Tensor):
-        raise TypeError(f"h must be a torch.Tensor, got {type(h).__name__}")
-    if not h.is_floating_point():
-        raise TypeError(f"h must be a floating-point tensor, got {h.dtype}")
-    if h.dim() != 2:
-        raise ValueError(f"h must be 2-D [T, D], got shape {tuple(h.shape)}")
+def check_classes(classes: torch.Tensor, num_rows: int, device: torch.device) -> None:
+    """``classes`` must be an int64 ``[num_rows]`` tensor on ``device`` (TypeError/ValueError)."""
     if not isinstance(classes, torch.Tensor):
         raise TypeError(f"classes must be a torch.Tensor, got {type(classes).__name__}")
     if classes.dtype != torch.int64:
         raise TypeError(f"classes must be int64, got {classes.dtype}")
-    if classes.shape != (h.shape[0],):
+    if classes.shape != (num_rows,):
         raise ValueError(
-            f"classes must have shape [{h.shape[0]}] (one class per row of h), got {tuple(classes.shape)}"
+            f"classes must have shape [{num_rows}] (one class per row), got {tuple(classes.shape)}"
         )
-    if classes.device != h.device:
-        raise ValueError(f"classes is on {classes.device} but h is on {h.device}")
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if classes.device != device:
+        raise ValueError(f"classes is on {classes.device} but the data is on {device}")
 
 
-def _check_classes(classes: torch.Tensor, num_classes: int) -> None:
+def check_class_range(classes: torch.Tensor, num_classes: int) -> None:
+    """Every class must index one of the ``num_classes`` scores (one host sync)."""
     if classes.numel() == 0:
         return
     lo, hi = torch.stack([classes.min(), classes.max()]).tolist()
@@ -271,6 +263,20 @@ def _check_classes(classes: torch.Tensor, num_classes: int) -> None:
             f"classes[{bad}]={int(classes[bad])} is outside [0, {num_classes}) (the head has "
             f"{num_classes} outputs)"
         )
+
+
+def _check_inputs(head: nn.Module, h: torch.Tensor, classes: torch.Tensor, backend: str) -> None:
+    if not isinstance(head, nn.Module):
+        raise TypeError(f"head must be an nn.Module, got {type(head).__name__}")
+    if not isinstance(h, torch.Tensor):
+        raise TypeError(f"h must be a torch.Tensor, got {type(h).__name__}")
+    if not h.is_floating_point():
+        raise TypeError(f"h must be a floating-point tensor, got {h.dtype}")
+    if h.dim() != 2:
+        raise ValueError(f"h must be 2-D [T, D], got shape {tuple(h.shape)}")
+    check_classes(classes, h.shape[0], h.device)
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
 
 
 def _resolve_backend(backend: str, h: torch.Tensor) -> str:
@@ -294,7 +300,7 @@ def _autograd_gradcam(
         scores = head(x)
         if scores.dim() != 2 or scores.shape[0] != h.shape[0]:
             raise ValueError(f"head(h) must have shape [{h.shape[0]}, A], got {tuple(scores.shape)}")
-        _check_classes(classes, scores.shape[1])
+        check_class_range(classes, scores.shape[1])
         (g,) = torch.autograd.grad(scores.gather(1, classes[:, None]).sum(), x, create_graph=grad_enabled)
     out = g * x if times_input else g
     return (scores, out) if grad_enabled else (scores.detach(), out.detach())
@@ -356,7 +362,7 @@ def head_gradcam(
         if term.first.in_features != h.shape[1]:
             raise ValueError(f"h has {h.shape[1]} features but the head expects {term.first.in_features}")
     last = terms[0].second or terms[0].first
-    _check_classes(classes, last.out_features)
+    check_class_range(classes, last.out_features)
     backend = _resolve_backend(backend, h)
     scores, grad = _term_gradcam(terms[0], h, classes, backend)
     for term in terms[1:]:
