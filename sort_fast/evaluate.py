@@ -1,0 +1,68 @@
+"""``python -m sort_fast.evaluate CHECKPOINT``: evaluate a trained model.
+
+Computes on the validation groups (those of training unless data flags say otherwise) the
+consistency quadrants, accuracies, Grad-CAM ranking metrics and grounding, with the same
+routine training uses (:func:`sort_fast.training.evaluation.evaluate`), and writes
+``metrics.json``, ``table1.md`` and PNG plots.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+
+from .data import Vocab
+from .models import PythiaConfig, PythiaVQA
+from .training.checkpoint import load_checkpoint
+from .training.config import CLIError, build_evaluate_parser
+from .training.data import load_val_data
+from .training.distributed import resolve_device
+from .training.evaluation import evaluate, load_hat, write_report
+from .training.logs import setup_logging
+
+__all__ = ["main", "evaluate_checkpoint"]
+
+PROG = "python -m sort_fast.evaluate"
+
+
+def evaluate_checkpoint(args) -> Dict[str, Any]:
+    """Evaluates ``args.checkpoint`` as the flags say; returns the metrics."""
+    state = load_checkpoint(args.checkpoint)
+    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    log = setup_logging(None)
+    config = PythiaConfig(**state["model_config"])
+    data = load_val_data(args, state["source"], Vocab(state["vocab"]),
+                         Vocab(state["answer_vocab"]), config.feature_dim)
+    device = resolve_device(args.device, 0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = PythiaVQA(config).to(device)
+    model.load_state_dict(state["model"])
+    log.info("evaluating %s (%s, step %d) on %d validation groups", args.checkpoint,
+             state["method"], state["step"], len(data.val))
+    result = evaluate(model, data.val, batch_groups=args.batch_groups, device=device,
+                      naive=args.naive, answer_vocab=data.answer_vocab,
+                      hat_maps=load_hat(args.hat_dir, data.val))
+    table = write_report(result, out, method=state["method"],
+                         extra={"step": state["step"], "checkpoint": str(args.checkpoint)})
+    log.info("wrote metrics.json, table1.md and plots to %s", out)
+    print(table, flush=True)
+    return result.metrics
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point; returns the exit code."""
+    args = build_evaluate_parser().parse_args(argv)
+    try:
+        evaluate_checkpoint(args)
+    except (CLIError, OSError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

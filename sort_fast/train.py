@@ -1,0 +1,230 @@
+"""``python -m sort_fast.train``: train a Pythia-style VQA model with SOrT or a baseline loss.
+
+Without arguments it trains full SOrT on the embedded synthetic benchmark (a few minutes on a
+laptop CPU) and prints the evaluation table. See ``--help`` for every flag. Multi-process:
+``torchrun --nproc_per_node=K -m sort_fast.train ...`` (each process takes a disjoint shard of
+every step's groups; gradients are averaged with ``all_reduce``; rank 0 writes the outputs).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .data import collate_groups
+from .models import PythiaConfig, PythiaVQA
+from .training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .training.config import METHOD_NAMES, CLIError, build_train_parser
+from .training.data import DataOrder, Datasets, load_train_data, model_config
+from .training.distributed import (DistContext, average_gradients, broadcast_parameters,
+                                   close_distributed, gather_objects, init_distributed)
+from .training.evaluation import evaluate, load_hat, write_report
+from .training.logs import JsonLog, setup_logging
+from .training.objective import Objective
+
+__all__ = ["main", "train", "TrainResult"]
+
+PROG = "python -m sort_fast.train"
+CHECKPOINT = "checkpoint.pt"
+# flags that change the trajectory: a resumed run must use the checkpoint's values
+TRAJECTORY_FLAGS = (
+    "seed", "batch_groups", "loss", "lambda_reasoning", "lambda_sub", "lambda_irrelevant",
+    "margin", "lambda_attention", "lr", "warmup_steps", "grad_clip", "hidden_dim", "joint_dim",
+    "dropout", "naive", "init", "synthetic_seed", "synthetic_train_groups", "introspect",
+    "vqa_questions", "vqa_annotations", "features",
+)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """The trained ``model`` (this process's copy) and the final validation ``metrics``
+    (``None`` on ranks > 0, which do not evaluate)."""
+
+    model: PythiaVQA
+    metrics: Optional[Dict[str, Any]]
+
+
+def _check_resume(args: argparse.Namespace, stored: Dict[str, Any]) -> None:
+    for name in TRAJECTORY_FLAGS:
+        if stored.get(name) != getattr(args, name):
+            flag = "--" + name.replace("_", "-")
+            raise CLIError(f"cannot resume: the checkpoint was trained with {flag} "
+                           f"{stored.get(name)!r}, this run has {getattr(args, name)!r}")
+
+
+def _build_model(args: argparse.Namespace, data: Datasets) -> PythiaVQA:
+    """A fresh model, or the weights of ``--init`` (whose sizes and vocabulary must fit)."""
+    if args.init is None:
+        return PythiaVQA(model_config(args, data))
+    state = load_checkpoint(args.init)
+    if state["vocab"] != data.vocab.tokens or state["answer_vocab"] != data.answer_vocab.tokens:
+        raise CLIError(f"--init {args.init}: its vocabulary differs from this data's")
+    model = PythiaVQA(PythiaConfig(**state["model_config"]))
+    model.load_state_dict(state["model"])
+    return model
+
+
+def _warmup(warmup_steps: int):
+    """Linear warm-up from 0 over ``warmup_steps``, then constant (a schedule that does not
+    depend on the run's length, so a resumed run with more steps continues the same curve)."""
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+
+
+def _postfix(parts: Dict[str, float], groups_per_s: float) -> str:
+    return " ".join(f"{k}={v:.3g}" for k, v in parts.items()) + f" {groups_per_s:.0f} grp/s"
+
+
+def train(args: argparse.Namespace) -> TrainResult:
+    """Runs training as the flags (of :func:`build_train_parser`) say."""
+    ctx = init_distributed(args.device, args.threads)
+    try:
+        return _train(args, ctx)
+    finally:
+        close_distributed(ctx)
+
+
+def _train(args: argparse.Namespace, ctx: DistContext) -> TrainResult:
+    out = Path(args.out)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    log = setup_logging(out / "train.log" if ctx.is_main else None, quiet=not ctx.is_main)
+    jsonl = JsonLog(out / "log.jsonl")
+    ckpt_path = out / CHECKPOINT
+    resume = None
+    if args.resume:
+        if not ckpt_path.exists():
+            raise CLIError(f"--resume: {ckpt_path} does not exist")
+        resume = load_checkpoint(ckpt_path)
+        _check_resume(args, resume["config"])
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    data = load_train_data(args)
+    assert data.train is not None
+    hat_maps = load_hat(args.hat_dir, data.val) if ctx.is_main else None
+    order = DataOrder(len(data.train), args.batch_groups, args.seed)
+    if order.batch_groups < ctx.world_size:
+        raise CLIError(f"--batch-groups {order.batch_groups} is smaller than the "
+                       f"{ctx.world_size} processes")
+    total = args.max_steps or args.epochs * order.steps_per_epoch
+    model = _build_model(args, data).to(ctx.device)
+    broadcast_parameters(model, ctx)
+    optimizer = torch.optim.Adamax(model.parameters(), lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup(args.warmup_steps))
+    objective = Objective(args.loss, lambda_reasoning=args.lambda_reasoning,
+                          lambda_sub=args.lambda_sub, lambda_irrelevant=args.lambda_irrelevant,
+                          margin=args.margin, lambda_attention=args.lambda_attention,
+                          naive=args.naive)
+    method = METHOD_NAMES[args.loss]
+    log.info("%s on %d train / %d val groups (%s data, loaded in %.1fs); %d parameters; "
+             "device %s x%d; %d steps of %d groups (%d per epoch)", method, len(data.train),
+             len(data.val), data.source["kind"], time.perf_counter() - t0,
+             sum(p.numel() for p in model.parameters()), ctx.device, ctx.world_size, total,
+             order.batch_groups, order.steps_per_epoch)
+
+    step = 0
+    if resume is not None:
+        order.check(resume["data"])
+        if len(resume["rng"]) != ctx.world_size:
+            raise CLIError(f"cannot resume: the checkpoint was written by {len(resume['rng'])} "
+                           f"process(es), this run has {ctx.world_size}")
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        set_rng_state(resume["rng"][ctx.rank])
+        step = int(resume["step"])
+        if ctx.is_main:
+            jsonl.truncate_after(step)
+        log.info("resumed from %s at step %d", ckpt_path, step)
+    elif ctx.is_main:
+        jsonl.path.unlink(missing_ok=True)
+
+    def save() -> None:
+        rngs = gather_objects(rng_state(), ctx)  # collective: every rank takes part
+        if ctx.is_main:
+            save_checkpoint({
+                "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": rngs, "data": order.state(step),
+                "config": vars(args), "model_config": dataclasses.asdict(model.config),
+                "vocab": data.vocab.tokens, "answer_vocab": data.answer_vocab.tokens,
+                "source": data.source, "method": method}, ckpt_path)
+
+    def run_eval():
+        return evaluate(model, data.val, batch_groups=args.batch_groups, device=ctx.device,
+                        naive=args.naive, answer_vocab=data.answer_vocab, hat_maps=hat_maps)
+
+    bar = tqdm(total=total, initial=step, desc=method, unit="step", dynamic_ncols=True,
+               disable=None if ctx.is_main else True, file=sys.stderr)
+    groups_seen, t_train = 0, time.perf_counter()
+    while step < total:
+        model.train()
+        indices = order.indices(step, ctx.rank, ctx.world_size)
+        batch = collate_groups([data.train[i] for i in indices]).to(ctx.device)
+        optimizer.zero_grad(set_to_none=True)
+        loss, parts = objective(model, batch)
+        if not math.isfinite(parts["loss"]):
+            raise CLIError(f"the loss is not finite at step {step + 1}; try a lower --lr")
+        loss.backward()
+        average_gradients(model, ctx)
+        if args.grad_clip > 0:
+            parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                                      args.grad_clip))
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        groups_seen += order.batch_groups
+        groups_per_s = groups_seen / (time.perf_counter() - t_train)
+        if ctx.is_main:
+            jsonl.write({"event": "train", "step": step, "epoch": order.epoch(step - 1),
+                         "lr": lr, **parts, "groups_per_s": groups_per_s})
+            bar.update(1)
+            bar.set_postfix_str(_postfix(parts, groups_per_s), refresh=False)
+        if args.eval_every and step % args.eval_every == 0 and step < total and ctx.is_main:
+            metrics = run_eval().metrics
+            jsonl.write({"event": "eval", "step": step, **metrics})
+            log.info("step %d: consistency %.2f%%, reasoning acc %.2f%%, MP@1 %.2f, MRR %.2f",
+                     step, 100 * metrics["consistency"], 100 * metrics["reasoning_accuracy"],
+                     100 * metrics["mp1"], 100 * metrics["mrr"])
+        if (args.save_every and step % args.save_every == 0) or step == total:
+            save()
+    bar.close()
+    if ctx.is_main and groups_seen:
+        log.info("trained %d steps in %.1fs", total, time.perf_counter() - t_train)
+    if not ctx.is_main:
+        return TrainResult(model, None)
+    result = run_eval()
+    jsonl.write({"event": "eval", "step": step, **result.metrics})
+    table = write_report(result, out, method=method, extra={"step": step})
+    log.info("wrote %s, %s and plots to %s", CHECKPOINT, "metrics.json", out)
+    print(table, flush=True)
+    return TrainResult(model, result.metrics)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point; returns the exit code."""
+    args = build_train_parser().parse_args(argv)
+    try:
+        train(args)
+    except (CLIError, OSError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

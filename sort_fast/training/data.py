@@ -1,0 +1,144 @@
+"""Data sets, the resumable data order and the model configuration of a run."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from ..data import Group, IntrospectDataset, SyntheticIntrospect, Vocab
+from ..models import PythiaConfig
+from .config import CLIError, require_all
+
+__all__ = ["Datasets", "DataOrder", "load_train_data", "load_val_data", "model_config"]
+
+TRAIN_FILES = ("introspect", "vqa_questions", "vqa_annotations", "features")
+VAL_FILES = ("val_introspect", "val_vqa_questions", "val_vqa_annotations", "val_features")
+
+
+@dataclass
+class Datasets:
+    """Training groups (``None`` for the evaluator), validation groups, the question and answer
+    vocabularies, the region feature size and ``source``: how to rebuild the validation data
+    (stored in checkpoints so the evaluator finds it again)."""
+
+    train: Optional[Sequence[Group]]
+    val: Sequence[Group]
+    vocab: Vocab
+    answer_vocab: Vocab
+    feature_dim: int
+    source: Dict[str, Any]
+
+
+def _introspect(paths: Sequence[str], vocab: Optional[Vocab], answer_vocab: Optional[Vocab]
+                ) -> IntrospectDataset:
+    try:
+        return IntrospectDataset(*paths, answer_vocab=answer_vocab, question_vocab=vocab)
+    except (OSError, ValueError) as e:
+        raise CLIError(str(e).splitlines()[0]) from None
+
+
+def _val_data(source: Dict[str, Any], vocab: Optional[Vocab], answer_vocab: Optional[Vocab]
+              ) -> Sequence[Group]:
+    if source["kind"] == "synthetic":
+        val = SyntheticIntrospect(seed=source["seed"], split="val", num_groups=source["groups"])
+        if vocab is not None and (val.vocab != vocab or val.answer_vocab != answer_vocab):
+            raise CLIError("the synthetic benchmark's vocabulary differs from the checkpoint's")
+        return val
+    return _introspect([source[k] for k in VAL_FILES], vocab, answer_vocab)
+
+
+def load_train_data(args: argparse.Namespace) -> Datasets:
+    """Training and validation groups from the flags of ``sort_fast.train``: the embedded
+    synthetic benchmark, or real VQA-Introspect data when the data files are given."""
+    real_train = require_all(args, TRAIN_FILES)
+    real_val = require_all(args, VAL_FILES)
+    if real_train != real_val:
+        raise CLIError("give both the training files (--introspect ...) and the validation "
+                       "files (--val-introspect ...), or neither (synthetic benchmark)")
+    if not real_train:
+        train = SyntheticIntrospect(seed=args.synthetic_seed, split="train",
+                                    num_groups=args.synthetic_train_groups)
+        source = {"kind": "synthetic", "seed": args.synthetic_seed,
+                  "groups": args.synthetic_val_groups}
+        return Datasets(train, _val_data(source, None, None), train.vocab, train.answer_vocab,
+                        train.feature_dim, source)
+    train = _introspect([getattr(args, k) for k in TRAIN_FILES], None, None)
+    source = {"kind": "introspect", **{k: getattr(args, k) for k in VAL_FILES}}
+    val = _val_data(source, train.vocab, train.answer_vocab)
+    return Datasets(train, val, train.vocab, train.answer_vocab,
+                    int(train[0].features.shape[1]), source)
+
+
+def load_val_data(args: argparse.Namespace, stored: Dict[str, Any], vocab: Vocab,
+                  answer_vocab: Vocab, feature_dim: int) -> Datasets:
+    """Validation groups for ``sort_fast.evaluate``: the flags given, else the source stored in
+    the checkpoint (``stored``). Vocabularies come from the checkpoint."""
+    if require_all(args, VAL_FILES):
+        source = {"kind": "introspect", **{k: getattr(args, k) for k in VAL_FILES}}
+    elif stored["kind"] == "synthetic":
+        source = dict(stored)
+        if args.synthetic_seed is not None:
+            source["seed"] = args.synthetic_seed
+        if args.synthetic_val_groups is not None:
+            source["groups"] = args.synthetic_val_groups
+    else:
+        source = dict(stored)
+    val = _val_data(source, vocab, answer_vocab)
+    return Datasets(None, val, vocab, answer_vocab, feature_dim, source)
+
+
+def model_config(args: argparse.Namespace, data: Datasets) -> PythiaConfig:
+    """A small Pythia sized by ``--hidden-dim``/``--joint-dim``/``--dropout``."""
+    h, j = args.hidden_dim, args.joint_dim
+    return PythiaConfig(
+        vocab_size=len(data.vocab), num_answers=len(data.answer_vocab),
+        feature_dim=data.feature_dim, embed_dim=min(64, h), text_hidden=h,
+        text_attention_hidden=max(1, h // 2), text_glimpses=2, attention_hidden=h, joint_dim=j,
+        classifier_text_hidden=h, classifier_image_hidden=j, classifier_dropout=args.dropout,
+        joint_dropout=args.dropout)
+
+
+class DataOrder:
+    """Which training groups each step uses, as a pure function of the step.
+
+    Epoch ``e`` visits the groups in the permutation drawn by a generator seeded with
+    ``(seed, e)``; step ``s`` is position ``s % steps_per_epoch`` of epoch
+    ``s // steps_per_epoch`` and takes ``batch_groups`` consecutive groups of it (the last
+    incomplete batch of an epoch is dropped). Resuming needs only the step; :meth:`state`
+    records it with the sizes it depends on, and :meth:`check` rejects a different setup.
+    """
+
+    def __init__(self, num_groups: int, batch_groups: int, seed: int) -> None:
+        self.num_groups, self.seed = num_groups, seed
+        self.batch_groups = min(batch_groups, num_groups)
+        self.steps_per_epoch = num_groups // self.batch_groups
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.int64)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.num_groups, generator=gen)
+        return self._perm
+
+    def epoch(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def indices(self, step: int, rank: int = 0, world_size: int = 1) -> List[int]:
+        """Group indices of ``step`` for process ``rank`` of ``world_size`` (disjoint shards)."""
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        batch = self._permutation(epoch)[pos * self.batch_groups:(pos + 1) * self.batch_groups]
+        return batch[rank::world_size].tolist()
+
+    def state(self, step: int) -> Dict[str, int]:
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        return {"epoch": epoch, "position": pos, "num_groups": self.num_groups,
+                "batch_groups": self.batch_groups, "seed": self.seed}
+
+    def check(self, state: Dict[str, int]) -> None:
+        """Raises :class:`CLIError` if a checkpoint's data order ``state`` is not this one's."""
+        for key in ("num_groups", "batch_groups", "seed"):
+            if state[key] != getattr(self, key):
+                raise CLIError(f"cannot resume: the checkpoint's data order has {key}="
+                               f"{state[key]}, this run {getattr(self, key)}")

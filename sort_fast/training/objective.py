@@ -1,0 +1,106 @@
+"""Training objectives: the Grad-CAM gradient, SQuINT's attention alignment and the losses of
+``--loss bce|squint|sort-sq|sort``."""
+from __future__ import annotations
+
+import logging
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..data import PackedBatch
+from ..layout import ROLE_SUB, group_ids, row_roles
+from ..losses import SOrTLoss
+from ..models import PythiaOutput, PythiaVQA
+
+try:
+    from ..ops.head_gradcam import head_gradcam
+    _HEAD_GRADCAM_ERROR: Optional[str] = None
+except ImportError as e:  # pragma: no cover - only while the closed form is unavailable
+    head_gradcam = None
+    _HEAD_GRADCAM_ERROR = str(e)
+
+__all__ = ["gradcam_gradient", "attention_alignment", "Objective"]
+
+log = logging.getLogger("sort_fast")
+_fallback_logged = False
+
+
+def gradcam_gradient(model: PythiaVQA, out: PythiaOutput, classes: torch.Tensor, naive: bool,
+                     *, create_graph: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Scores ``[T, A]`` and the Grad-CAM gradient ``d scores[t, classes[t]] / d joint[t]``
+    ``[T, D]`` of ``model``'s forward output ``out``: the one place the trainer and the
+    evaluator get Grad-CAM gradients from.
+
+    ``naive=False``: the closed form :func:`sort_fast.ops.head_gradcam.head_gradcam` of the
+    classifier head (its scores are the classifier's on ``out.joint``; in training they carry
+    the very dropout mask the gradient does). ``naive=True`` (or when ``head_gradcam`` cannot be
+    imported): ``torch.autograd.grad`` of ``out.scores``. ``create_graph=False`` (evaluation)
+    returns tensors without a graph; the naive path then needs ``out`` built with grad enabled.
+    """
+    global _fallback_logged
+    if not naive and head_gradcam is None and not _fallback_logged:
+        _fallback_logged = True
+        log.warning("head_gradcam is unavailable (%s); using the autograd Grad-CAM path",
+                    _HEAD_GRADCAM_ERROR)
+    if naive or head_gradcam is None:
+        y = out.scores.gather(1, classes[:, None]).sum()
+        (grad,) = torch.autograd.grad(y, out.joint, create_graph=create_graph)
+        return (out.scores, grad) if create_graph else (out.scores.detach(), grad)
+    with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
+        return head_gradcam(model.classifier, out.joint, classes)
+
+
+def attention_alignment(attention: torch.Tensor, offsets: torch.Tensor,
+                        num_sub: torch.Tensor) -> torch.Tensor:
+    """SQuINT's attention alignment (Selvaraju et al. 2020): the squared difference between
+    the region attention of each sub-question and of its reasoning question, summed over
+    regions and averaged over ``<reasoning, sub-question>`` pairs (mean squared error up to the
+    constant number of regions). ``attention [T, R]`` is 0 on padded regions."""
+    sizes = offsets[1:] - offsets[:-1]
+    roles = row_roles(offsets, num_sub, sizes)
+    sub = (roles == ROLE_SUB).nonzero().squeeze(1)
+    reasoning = offsets[:-1][group_ids(sizes, attention.shape[0])[sub]]
+    return (attention[sub] - attention[reasoning]).square().sum(1).mean()
+
+
+class Objective:
+    """The training loss of one ``--loss`` choice.
+
+    - ``bce``: BCE-with-logits against the soft targets, summed over answers, averaged over all
+      questions (the plain Pythia objective);
+    - ``squint``: that BCE ``+ lambda_attention *`` :func:`attention_alignment`;
+    - ``sort-sq`` / ``sort``: :class:`~sort_fast.SOrTLoss` in mode ``sq_only`` / ``contrastive``
+      on the Grad-CAM vectors at the joint embedding (:func:`gradcam_gradient`).
+
+    ``naive`` selects the autograd Grad-CAM path and the loss's PyTorch backend.
+    """
+
+    def __init__(self, kind: str, *, lambda_reasoning: float, lambda_sub: float,
+                 lambda_irrelevant: float, margin: float, lambda_attention: float,
+                 naive: bool) -> None:
+        self.kind, self.naive, self.lambda_attention = kind, naive, lambda_attention
+        self.sort_loss = None
+        if kind in ("sort", "sort-sq"):
+            self.sort_loss = SOrTLoss(lambda_reasoning, lambda_sub, lambda_irrelevant, margin,
+                                      mode="contrastive" if kind == "sort" else "sq_only",
+                                      backend="torch" if naive else "auto")
+
+    def __call__(self, model: PythiaVQA, batch: PackedBatch
+                 ) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """The loss of ``batch`` (with its graph) and its parts as floats, for logging."""
+        out = model(batch)
+        if self.sort_loss is not None:
+            scores, grad = gradcam_gradient(model, out, batch.classes, self.naive)
+            parts = self.sort_loss(scores, batch.targets, grad, out.joint, batch.offsets,
+                                   batch.num_sub)
+            return parts.total, {"loss": float(parts.total.detach()),
+                                 **{k: v for k, v in parts.as_dict().items() if k != "total"}}
+        bce = F.binary_cross_entropy_with_logits(out.scores, batch.targets,
+                                                 reduction="none").sum(1).mean()
+        if self.kind == "bce":
+            return bce, {"loss": float(bce.detach()), "bce": float(bce.detach())}
+        align = attention_alignment(out.attention, batch.offsets, batch.num_sub)
+        total = bce + self.lambda_attention * align
+        return total, {"loss": float(total.detach()), "bce": float(bce.detach()),
+                       "attention": float(align.detach())}

@@ -1,0 +1,103 @@
+"""``python -m sort_fast.evaluate`` and the shared evaluation routine."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sort_fast.data import SyntheticIntrospect
+from sort_fast.evaluate import main as evaluate_main
+from sort_fast.models import PythiaConfig, PythiaVQA
+from sort_fast.train import main as train_main
+from sort_fast.training import checkpoint as ckpt
+from sort_fast.training.evaluation import COLUMNS, evaluate, format_table
+from sort_fast.training.plots import PLOTS
+
+TINY = ["--synthetic-train-groups", "40", "--synthetic-val-groups", "20", "--hidden-dim", "16",
+        "--joint-dim", "32", "--batch-groups", "8", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A tiny SOrT run of 4 steps; returns its output directory."""
+    out = tmp_path_factory.mktemp("train")
+    assert train_main(["--out", str(out), *TINY, "--max-steps", "4", "--eval-every", "0"]) == 0
+    return out
+
+
+def test_evaluator_writes_report_matching_training(trained, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert evaluate_main([str(trained / "checkpoint.pt"), "--out", str(out), "--batch-groups",
+                          "7"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["method"] == "Pythia + SOrT (SQ + IQ)" and report["step"] == 4
+    training = json.loads((trained / "metrics.json").read_text())["metrics"]
+    # same model, same validation groups; another batching only changes rounding
+    for key, value in training.items():
+        if isinstance(value, float):
+            assert report["metrics"][key] == pytest.approx(value, abs=1e-5), key
+        else:
+            assert report["metrics"][key] == value, key
+    table = (out / "table1.md").read_text()
+    assert table.strip().endswith(printed.strip().splitlines()[-1])
+    for header, *_ in COLUMNS:
+        assert header in table
+    for name in PLOTS:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_default_output_directory_is_beside_the_checkpoint(trained):
+    assert evaluate_main([str(trained / "checkpoint.pt")]) == 0
+    assert (trained / "eval" / "table1.md").exists()
+
+
+def test_naive_and_closed_form_gradcam_agree(trained):
+    state = ckpt.load_checkpoint(trained / "checkpoint.pt")
+    model = PythiaVQA(PythiaConfig(**state["model_config"]))
+    model.load_state_dict(state["model"])
+    groups = SyntheticIntrospect(seed=0, split="val", num_groups=20)
+    kw = dict(batch_groups=8, device=torch.device("cpu"))
+    fused, naive = evaluate(model, groups, **kw), evaluate(model, groups, naive=True, **kw)
+    np.testing.assert_allclose(fused.similarity, naive.similarity, atol=1e-5)
+    assert fused.metrics["mp1"] == naive.metrics["mp1"]
+    assert model.training  # evaluate restores the mode
+
+
+def test_evaluate_on_more_groups_via_flags(trained, tmp_path):
+    out = tmp_path / "more"
+    assert evaluate_main([str(trained / "checkpoint.pt"), "--out", str(out),
+                          "--synthetic-val-groups", "30"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["metrics"]["groups"] == 30
+
+
+def test_format_table_layout():
+    metrics = {k: 0.5 for _, k, _, _ in COLUMNS}
+    metrics.update(wpr=0.1, grounding_spearman=None)
+    lines = format_table(metrics, "Pythia").splitlines()
+    assert lines[0].startswith("| Method | R✓S✓ ↑ | R✓S✗ ↓ | R✗S✓ ↓ | R✗S✗ ↓ | Consistency% ↑")
+    assert lines[2] == "| Pythia | " + " | ".join(["50.00"] * 10 + ["10.00", "–"]) + " |"
+
+
+def test_bad_checkpoint_is_one_line_error(tmp_path):
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"\x00not a checkpoint")
+    result = subprocess.run([sys.executable, "-m", "sort_fast.evaluate", str(bad)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    err = result.stderr.strip()
+    assert "\n" not in err and "Traceback" not in err and "not a readable checkpoint" in err
+
+
+def test_missing_checkpoint_and_bad_flag(tmp_path, capsys):
+    for argv in ([str(tmp_path / "missing.pt")], [str(tmp_path), "--batch-groups", "-3"]):
+        with pytest.raises(SystemExit) as e:
+            evaluate_main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and ("no such file" in err or "--batch-groups" in err)
