@@ -29,16 +29,17 @@ def tables(data: dict, reference: str) -> str:
         ref = ref or next((b for b in rows if "extension" in b["name"]), rows[0])
         extra_keys = sorted({k for b in rows for k in b.get("extra_info", {})})
         lines.append(f"### {name}\n")
-        lines.append("| benchmark | median ms | min ms | median / " + ref["name"].split("[")[-1]
-                     .rstrip("]") + " | " + " | ".join(extra_keys) + " |")
-        lines.append("|---|---:|---:|---:|" + "---:|" * len(extra_keys))
+        header = ["benchmark", "median ms", "min ms",
+                  "median / " + ref["name"].split("[")[-1].rstrip("]"), *extra_keys]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|---" + "|---:" * (len(header) - 1) + "|")
         for b in rows:
             s = b["stats"]
             extras = [b.get("extra_info", {}).get(k, "") for k in extra_keys]
-            extras = [f"{v:.1f}" if isinstance(v, float) else str(v) for v in extras]
-            lines.append(f"| {b['name']} | {s['median'] * 1e3:.2f} | {s['min'] * 1e3:.2f} | "
-                         f"{s['median'] / ref['stats']['median']:.2f} | " + " | ".join(extras)
-                         + " |")
+            extras = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in extras]
+            cells = [b["name"], f"{s['median'] * 1e3:.2f}", f"{s['min'] * 1e3:.2f}",
+                     f"{s['median'] / ref['stats']['median']:.2f}", *extras]
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 

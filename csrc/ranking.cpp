@@ -21,8 +21,6 @@ namespace py = pybind11;
 namespace {
 
 constexpr int64_t kBlockGroups = 2048;
-// Groups up to this size are ordered by counting each candidate's rank (branch-free, no sort).
-constexpr int64_t kRankSortMax = 32;
 constexpr int64_t kNoError = std::numeric_limits<int64_t>::max();
 
 enum class GroupError : int { kNone = 0, kNaN = 1, kNoRelevant = 2 };
@@ -64,35 +62,12 @@ struct Sums {
 
 // Per-thread buffers, sized once to the largest group: no allocation per group.
 struct Scratch {
-  std::vector<Candidate> input;
   std::vector<Candidate> ranked;
   std::vector<double> relevant_scores;
   std::vector<double> irrelevant_scores;
   explicit Scratch(int64_t max_group)
-      : input(max_group), ranked(max_group), relevant_scores(max_group),
-        irrelevant_scores(max_group) {}
+      : ranked(max_group), relevant_scores(max_group), irrelevant_scores(max_group) {}
 };
-
-// Writes the n candidates of s.input in ranked order to s.ranked.
-void rank_candidates(Scratch& s, int64_t n) {
-  if (n > kRankSortMax) {
-    std::copy(s.input.begin(), s.input.begin() + n, s.ranked.begin());
-    std::sort(s.ranked.begin(), s.ranked.begin() + n, ranks_before);
-    return;
-  }
-  // rank of j = number of candidates that rank before it (ranks_before, without branches)
-  for (int64_t j = 0; j < n; ++j) {
-    const double sj = s.input[j].score;
-    const int rj = s.input[j].relevant;
-    int64_t rank = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      const double si = s.input[i].score;
-      const int ri = s.input[i].relevant;
-      rank += (si > sj) | ((si == sj) & ((ri < rj) | ((ri == rj) & (i < j))));
-    }
-    s.ranked[rank] = s.input[j];
-  }
-}
 
 template <typename Score>
 GroupError evaluate_group(const Score* score, const uint8_t* relevant, int64_t n, Scratch& s,
@@ -102,11 +77,11 @@ GroupError evaluate_group(const Score* score, const uint8_t* relevant, int64_t n
     const double v = static_cast<double>(score[j]);
     if (std::isnan(v)) return GroupError::kNaN;
     const uint8_t r = relevant[j] ? 1 : 0;
-    s.input[j] = Candidate{v, r, j};
+    s.ranked[j] = Candidate{v, r, j};
     num_relevant += r;
   }
   if (num_relevant == 0) return GroupError::kNoRelevant;
-  rank_candidates(s, n);
+  std::sort(s.ranked.begin(), s.ranked.begin() + n, ranks_before);
 
   // The parallel list of SPEC §5 (WPR): relevant candidates first, each part in ranked order.
   int64_t nr = 0, ni = 0;

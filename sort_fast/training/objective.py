@@ -2,8 +2,7 @@
 ``--loss bce|squint|sort-sq|sort``."""
 from __future__ import annotations
 
-import logging
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -12,18 +11,9 @@ from ..data import PackedBatch
 from ..layout import ROLE_SUB, group_ids, row_roles
 from ..losses import SOrTLoss
 from ..models import PythiaOutput, PythiaVQA
-
-try:
-    from ..ops.head_gradcam import head_gradcam
-    _HEAD_GRADCAM_ERROR: Optional[str] = None
-except ImportError as e:  # pragma: no cover - only while the closed form is unavailable
-    head_gradcam = None
-    _HEAD_GRADCAM_ERROR = str(e)
+from ..ops.head_gradcam import head_gradcam
 
 __all__ = ["gradcam_gradient", "attention_alignment", "Objective"]
-
-log = logging.getLogger("sort_fast")
-_fallback_logged = False
 
 
 def gradcam_gradient(model: PythiaVQA, out: PythiaOutput, classes: torch.Tensor, naive: bool,
@@ -34,16 +24,11 @@ def gradcam_gradient(model: PythiaVQA, out: PythiaOutput, classes: torch.Tensor,
 
     ``naive=False``: the closed form :func:`sort_fast.ops.head_gradcam.head_gradcam` of the
     classifier head (its scores are the classifier's on ``out.joint``; in training they carry
-    the very dropout mask the gradient does). ``naive=True`` (or when ``head_gradcam`` cannot be
-    imported): ``torch.autograd.grad`` of ``out.scores``. ``create_graph=False`` (evaluation)
-    returns tensors without a graph; the naive path then needs ``out`` built with grad enabled.
+    the very dropout mask the gradient does). ``naive=True``: ``torch.autograd.grad`` of
+    ``out.scores``. ``create_graph=False`` (evaluation) returns tensors without a graph; the
+    naive path then needs ``out`` built with grad enabled.
     """
-    global _fallback_logged
-    if not naive and head_gradcam is None and not _fallback_logged:
-        _fallback_logged = True
-        log.warning("head_gradcam is unavailable (%s); using the autograd Grad-CAM path",
-                    _HEAD_GRADCAM_ERROR)
-    if naive or head_gradcam is None:
+    if naive:
         y = out.scores.gather(1, classes[:, None]).sum()
         (grad,) = torch.autograd.grad(y, out.joint, create_graph=create_graph)
         return (out.scores, grad) if create_graph else (out.scores.detach(), grad)
