@@ -2,12 +2,8 @@
 
 Run (benchmark-only; nothing here is a plain test)::
 
-    python -m pytest benchmarks/bench_gradcam.py --benchmark-only \
-        --benchmark-columns=min,median,mean,rounds -q
-
-or, without pytest (e.g. on a GPU machine; prints one table)::
-
-    python benchmarks/bench_gradcam.py [--device cuda] [--rounds 10]
+    python -m pytest benchmarks/bench_gradcam.py --benchmark-only -q --benchmark-json gc.json
+    python benchmarks/summarize.py gc.json --reference closed
 
 Heads (float32, train mode, dropout 0.5, T = 640 rows in 64 groups of 1 reasoning + 3 sub +
 6 irrelevant questions, classes uniform over 3129 answers):
@@ -22,29 +18,20 @@ way: ``autograd.grad(scores, h, grad_outputs=one_hot, create_graph=True)``) and
 ``autograd_gather`` (``autograd.grad(scores.gather(1, c).sum(), h, create_graph=True)``).
 Groups ``<phase>-<head>-<device>``: ``forward`` (scores and G = g * h), ``backward``
 (``loss.backward()`` of a SOrT-like loss on G and the scores, the forward in untimed setup)
-and ``full`` (both). The summary printed at the end gives the speed-up of ``closed`` over each
-autograd path (ratio of medians in this run) and the peak memory of one full step above the
-memory held before it: on CPU the peak-RSS increase of a step (after a warm-up step) in a fresh
-subprocess started with ``MALLOC_MMAP_THRESHOLD_=65536``, so that freed tensors leave the RSS
-(VmHWM reset through ``/proc/self/clear_refs``; page granularity); on CUDA
-``torch.cuda.max_memory_allocated`` above ``torch.cuda.memory_allocated`` before the step.
+and ``full`` (both), on CPU and, where there is one, on CUDA. Each path's scores and G are
+checked against ``autograd_gather`` once before timing; ``full`` stores the peak memory of one
+step (MB, :func:`common.peak_memory_bytes`) in ``extra_info``.
 """
 from __future__ import annotations
 
-import argparse
 import functools
-import gc
-import os
-import statistics
-import subprocess
-import sys
-import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Tuple
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from common import peak_memory_bytes
 from sort_fast.heads import mlp_head, pythia_classifier
 from sort_fast.ops.head_gradcam import head_gradcam
 
@@ -113,73 +100,16 @@ def full_step(path: str, head, h, classes, targets) -> None:
     forward_step(path, head, h, classes, targets).backward()
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def _step_peak_rss_mib(path: str, head_name: str) -> float:
-    """Peak-RSS increase of one full step on CPU, in this process (after a warm-up step)."""
-    args = setup(head_name, "cpu")
-    full_step(path, *args)
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
-    base = _rss_kib("VmRSS")
-    full_step(path, *args)
-    return (_rss_kib("VmHWM") - base) / 1024
-
-
-def peak_memory_mib(path: str, head_name: str, device: str) -> Optional[float]:
-    """Peak memory of one full step above the memory held before it (see the module doc)."""
-    if device == "cuda":
-        args = setup(head_name, device)
-        full_step(path, *args)
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        full_step(path, *args)
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    # a fresh process whose glibc serves every allocation >= 64 KiB by mmap and unmaps it on
-    # free, so that the RSS follows the live tensors
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    proc = subprocess.run(
-        [sys.executable, __file__, "--peak-rss", path, head_name],
-        env=env, capture_output=True, text=True,
-    )
-    return float(proc.stdout.split()[-1]) if proc.returncode == 0 else None
-
-
-# ----------------------------------------------------------------------------- pytest-benchmark
-
-_RESULTS: Dict[Tuple[str, str, str], Dict[str, float]] = {}
-
-
-def _record(benchmark, phase: str, head_name: str, device: str, path: str) -> None:
-    _RESULTS.setdefault((phase, head_name, device), {})[path] = benchmark.stats.stats.median
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _summary(request):
-    yield
-    if not _RESULTS:
-        return
-    memory = {
-        (path, head_name, device): peak_memory_mib(path, head_name, device)
-        for (phase, head_name, device), times in _RESULTS.items() if phase == "full"
-        for path in times
-    }
-    lines = ["", "head Grad-CAM: median time, speed-up of the closed form, peak memory of a full step"]
-    for (phase, head_name, device), times in sorted(_RESULTS.items()):
-        base = times.get("closed")
-        for path, t in times.items():
-            ratio = f"  closed is {t / base:.2f}x faster" if base and path != "closed" else ""
-            mem = memory.get((path, head_name, device)) if phase == "full" else None
-            mem_s = f"  peak {mem:.0f} MiB" if mem is not None else ""
-            lines.append(f"{phase:8s} {head_name:6s} {device:4s} {path:16s} {t * 1e3:9.1f} ms{ratio}{mem_s}")
-    with request.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
-        print("\n".join(lines), flush=True)
+@functools.lru_cache(maxsize=None)
+def checked(path: str, head_name: str, device: str) -> None:
+    """Fails the benchmark unless ``path`` gives the scores and G of ``autograd_gather``."""
+    head, h, classes, _ = setup(head_name, device)
+    results = []
+    for p in (path, "autograd_gather"):
+        torch.manual_seed(1)  # the same dropout mask for both paths
+        results.append(PATHS[p](head, h, classes))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 params = pytest.mark.parametrize("path", list(PATHS))
@@ -200,8 +130,8 @@ def test_forward(benchmark, path, head_name, device):
             PATHS[path](*args[:3])
         _sync(device)
 
+    checked(path, head_name, device)
     benchmark.pedantic(run, rounds=ROUNDS[head_name], iterations=1, warmup_rounds=1)
-    _record(benchmark, "forward", head_name, device, path)
 
 
 @devices
@@ -222,8 +152,8 @@ def test_backward(benchmark, path, head_name, device):
         loss.backward()
         _sync(device)
 
+    checked(path, head_name, device)
     benchmark.pedantic(run, setup=make_loss, rounds=ROUNDS[head_name], iterations=1, warmup_rounds=1)
-    _record(benchmark, "backward", head_name, device, path)
 
 
 @devices
@@ -237,54 +167,6 @@ def test_full(benchmark, path, head_name, device):
         full_step(path, *args)
         _sync(device)
 
+    checked(path, head_name, device)
+    benchmark.extra_info["peak_mb"] = peak_memory_bytes(run, torch.device(device)) / 2**20
     benchmark.pedantic(run, rounds=ROUNDS[head_name], iterations=1, warmup_rounds=1)
-    _record(benchmark, "full", head_name, device, path)
-
-
-# ----------------------------------------------------------------------------- standalone (GPU)
-
-
-def run_benchmark(device: str = "cuda", rounds: int = 10, heads_to_run=tuple(HEADS)) -> Dict:
-    """Median full-step seconds, forward seconds and peak MiB per (head, path) on ``device``;
-    prints a table. Usable without pytest, e.g. on a GPU machine."""
-    results = {}
-    for head_name in heads_to_run:
-        args = setup(head_name, device)
-        for path in PATHS:
-            times = {"forward": [], "full": []}
-            for i in range(rounds + 1):
-                _sync(device)
-                t0 = time.perf_counter()
-                with torch.enable_grad():
-                    PATHS[path](*args[:3])
-                _sync(device)
-                t1 = time.perf_counter()
-                full_step(path, *args)
-                _sync(device)
-                if i:  # the first round warms up
-                    times["forward"].append(t1 - t0)
-                    times["full"].append(time.perf_counter() - t1)
-            results[(head_name, path)] = {
-                "forward_s": statistics.median(times["forward"]),
-                "full_s": statistics.median(times["full"]),
-            }
-    for (head_name, path), r in results.items():
-        r["peak_mib"] = peak_memory_mib(path, head_name, device)
-    for (head_name, path), r in results.items():
-        base = results[(head_name, "closed")]["full_s"]
-        mem = "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:.0f} MiB"
-        print(f"{device} {head_name:6s} {path:16s} forward {r['forward_s'] * 1e3:8.2f} ms  "
-              f"full {r['full_s'] * 1e3:8.2f} ms  ({r['full_s'] / base:.2f}x closed)  peak {mem}")
-    return results
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--peak-rss", nargs=2, metavar=("PATH", "HEAD"), help=argparse.SUPPRESS)
-    ns = parser.parse_args()
-    if ns.peak_rss:
-        print(_step_peak_rss_mib(*ns.peak_rss))
-    else:
-        run_benchmark(ns.device, ns.rounds)
