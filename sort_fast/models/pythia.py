@@ -59,10 +59,11 @@ def relu_fc(in_dim: int, out_dim: int) -> nn.Sequential:
 
 @dataclass
 class PythiaOutput:
-    """``scores [T, A]`` logits, ``joint [T, D]`` (``scores == model.classifier(joint)``),
-    ``attention [T, R]`` region weights (0 on padded regions)."""
+    """``scores [T, A]`` logits (``scores == model.classifier(joint)``; ``None`` when the
+    forward was asked not to compute them), ``joint [T, D]``, ``attention [T, R]`` region
+    weights (0 on padded regions)."""
 
-    scores: torch.Tensor
+    scores: Optional[torch.Tensor]
     joint: torch.Tensor
     attention: torch.Tensor
 
@@ -138,7 +139,10 @@ class PythiaVQA(nn.Module):
         with torch.no_grad():
             emb.copy_(weights)
 
-    def forward(self, batch: PackedBatch) -> PythiaOutput:
+    def forward(self, batch: PackedBatch, *, scores: bool = True) -> PythiaOutput:
+        """``scores=False`` skips the classifier (``out.scores`` is ``None``): for callers that
+        run it themselves, e.g. :func:`~sort_fast.ops.head_gradcam.head_gradcam` on
+        ``out.joint``."""
         if not isinstance(batch, PackedBatch):
             raise TypeError(f"PythiaVQA takes a PackedBatch, got {type(batch).__name__}")
         feats, mask, index = batch.image_features, batch.image_mask, batch.image_index
@@ -158,7 +162,8 @@ class PythiaVQA(nn.Module):
         a_grid[index, slot] = attention
         attended = torch.bmm(a_grid, feats)[index, slot]                          # [T, F]
         joint = self.joint_dropout(self.image_fusion(attended) * self.question_fusion(q))
-        return PythiaOutput(scores=self.classifier(joint), joint=joint, attention=attention)
+        return PythiaOutput(scores=self.classifier(joint) if scores else None, joint=joint,
+                            attention=attention)
 
     def region_gradcam(self, batch: PackedBatch, classes: Optional[torch.Tensor] = None,
                        *, create_graph: bool = False) -> torch.Tensor:

@@ -92,7 +92,7 @@ def evaluate(model: PythiaVQA, groups: Sequence[Group], *, batch_groups: int,
             chunk = [groups[i] for i in range(start, min(start + batch_groups, len(groups)))]
             batch = collate_groups(chunk).to(device)
             with torch.enable_grad():
-                out = model(batch)
+                out = model(batch, scores=naive)  # head_gradcam computes the scores
                 scores, grad = gradcam_gradient(model, out, batch.classes, naive,
                                                 create_graph=False)
             sim = gradcam_similarity(grad.detach(), out.joint.detach(), batch.offsets)

@@ -24,7 +24,8 @@ def gradcam_gradient(model: PythiaVQA, out: PythiaOutput, classes: torch.Tensor,
 
     ``naive=False``: the closed form :func:`sort_fast.ops.head_gradcam.head_gradcam` of the
     classifier head (its scores are the classifier's on ``out.joint``; in training they carry
-    the very dropout mask the gradient does). ``naive=True``: ``torch.autograd.grad`` of
+    the very dropout mask the gradient does), so ``out`` need not carry scores
+    (``model(batch, scores=False)``). ``naive=True``: ``torch.autograd.grad`` of
     ``out.scores``. ``create_graph=False`` (evaluation) returns tensors without a graph; the
     naive path then needs ``out`` built with grad enabled.
     """
@@ -74,7 +75,8 @@ class Objective:
     def __call__(self, model: PythiaVQA, batch: PackedBatch
                  ) -> Tuple[torch.Tensor, Dict[str, float]]:
         """The loss of ``batch`` (with its graph) and its parts as floats, for logging."""
-        out = model(batch)
+        # the closed-form Grad-CAM computes the classifier's scores itself
+        out = model(batch, scores=self.sort_loss is None or self.naive)
         if self.sort_loss is not None:
             scores, grad = gradcam_gradient(model, out, batch.classes, self.naive)
             parts = self.sort_loss(scores, batch.targets, grad, out.joint, batch.offsets,
