@@ -1,5 +1,4 @@
 """Ranking metrics (C++ extension) and consistency against plain-Python references (SPEC §5)."""
-import math
 
 import numpy as np
 import pytest

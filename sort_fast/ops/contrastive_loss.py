@@ -13,7 +13,7 @@ import math
 import os
 import warnings
 from types import ModuleType
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -22,6 +22,7 @@ from torch.autograd.function import once_differentiable
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 from ..layout import Layout, check_layout, group_ids
+from . import triton_available
 
 __all__ = [
     "contrastive_gradient_loss",
@@ -195,23 +196,15 @@ def _check_pair(grad: torch.Tensor, act: torch.Tensor, eps: float, backend: str)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if grad.is_cuda and _triton_available() else "torch"
+        return "triton" if grad.is_cuda and triton_available() else "torch"
     if backend == "triton":
-        if not _triton_available():
+        if not triton_available():
             raise ValueError("backend='triton' needs the triton package (pip install triton)")
         if not grad.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
                 "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before import"
             )
     return backend
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _prepare(grad, act, offsets, num_sub, eps, backend) -> Tuple[str, Layout]:
