@@ -94,11 +94,14 @@ def train(args: argparse.Namespace) -> TrainResult:
 
 def _train(args: argparse.Namespace, ctx: DistContext) -> TrainResult:
     out = Path(args.out)
+    ckpt_path = out / CHECKPOINT
+    if ckpt_path.exists() and not (args.resume or args.overwrite):
+        raise CLIError(f"{ckpt_path} exists: pass --resume to continue that run, --overwrite "
+                       "to start afresh, or another --out")
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
     log = setup_logging(out / "train.log" if ctx.is_main else None, quiet=not ctx.is_main)
     jsonl = JsonLog(out / "log.jsonl")
-    ckpt_path = out / CHECKPOINT
     resume = None
     if args.resume:
         if not ckpt_path.exists():

@@ -116,6 +116,20 @@ def test_resume_rejects_changed_flags(base, tmp_path, capsys):
     assert "cannot resume" in err and "--lr" in err and "\n" not in err
 
 
+def test_existing_run_is_not_overwritten_without_consent(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(out, "--max-steps", "1") == 0
+    before = params(out)
+    capsys.readouterr()
+    assert run(out, "--max-steps", "2", "--seed", "1") == 2
+    err = capsys.readouterr().err.strip()
+    assert "checkpoint.pt exists" in err and "--overwrite" in err and "\n" not in err
+    assert_same_params(params(out), before)  # the earlier run's checkpoint is untouched
+    assert run(out, "--max-steps", "2", "--seed", "1", "--overwrite") == 0
+    assert ckpt.load_checkpoint(out / "checkpoint.pt")["step"] == 2
+    assert steps_logged(out) == [1, 2]
+
+
 def test_killed_run_resumes_to_the_same_result(base, tmp_path):
     """SIGKILL a run (aiming far beyond STEPS, so it is surely still running) right after its
     first checkpoint; resuming to STEPS matches the uninterrupted run (the schedule does not
@@ -210,7 +224,7 @@ def test_help_lists_every_flag(capsys):
     for flag in ("--out", "--max-steps", "--epochs", "--batch-groups", "--seed", "--device",
                  "--loss", "--lambda-reasoning", "--lambda-sub", "--lambda-irrelevant",
                  "--margin", "--lambda-attention", "--lr", "--warmup-steps", "--grad-clip",
-                 "--eval-every", "--save-every", "--resume", "--init", "--naive",
+                 "--eval-every", "--save-every", "--resume", "--overwrite", "--init", "--naive",
                  "--introspect", "--vqa-questions", "--vqa-annotations", "--features",
                  "--val-introspect", "--val-vqa-questions", "--val-vqa-annotations",
                  "--val-features", "--synthetic-train-groups", "--synthetic-val-groups",

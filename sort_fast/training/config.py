@@ -146,9 +146,13 @@ def build_train_parser() -> OneLineParser:
     sched.add_argument("--save-every", type=non_negative_int, default=230,
                        help="write the checkpoint every N steps (0: only at the end; default: "
                             "%(default)s)")
-    sched.add_argument("--resume", action="store_true",
+    start = sched.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
                        help="continue from OUT/checkpoint.pt (same flags; bit-identical to an "
                             "uninterrupted run on CPU)")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start afresh even though OUT holds a checkpoint, replacing that "
+                            "run's outputs (without it, such an OUT is refused)")
     sched.add_argument("--init", type=existing_file, default=None, metavar="CKPT",
                        help="start from the model weights of this checkpoint (fine-tuning, as "
                             "SOrT fine-tunes a trained Pythia); optimizer and step start fresh")
