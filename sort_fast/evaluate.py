@@ -16,7 +16,7 @@ import torch
 from .data import Vocab
 from .models import PythiaConfig, PythiaVQA
 from .training.checkpoint import load_checkpoint
-from .training.config import CLIError, build_evaluate_parser
+from .training.config import build_evaluate_parser, run_command
 from .training.data import load_val_data
 from .training.distributed import resolve_device
 from .training.evaluation import evaluate, load_hat, write_report
@@ -55,13 +55,7 @@ def evaluate_checkpoint(args) -> Dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; returns the exit code."""
-    args = build_evaluate_parser().parse_args(argv)
-    try:
-        evaluate_checkpoint(args)
-    except (CLIError, OSError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(PROG, evaluate_checkpoint, build_evaluate_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .data import collate_groups
 from .models import PythiaConfig, PythiaVQA
 from .training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .training.config import METHOD_NAMES, CLIError, build_train_parser
+from .training.config import METHOD_NAMES, CLIError, build_train_parser, run_command
 from .training.data import DataOrder, Datasets, load_train_data, model_config
 from .training.distributed import (DistContext, average_gradients, broadcast_parameters,
                                    close_distributed, gather_objects, init_distributed)
@@ -217,16 +217,7 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> TrainResult:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; returns the exit code."""
-    args = build_train_parser().parse_args(argv)
-    try:
-        train(args)
-    except (CLIError, OSError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_command(PROG, train, build_train_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Callable, NoReturn, Sequence
 
 __all__ = ["CLIError", "OneLineParser", "build_train_parser", "build_evaluate_parser",
@@ -20,6 +21,21 @@ METHOD_NAMES = {"bce": "Pythia", "squint": "Pythia + SQuINT", "sort-sq": "Pythia
 class CLIError(Exception):
     """A user-facing problem (bad flag combination, unreadable or malformed file, incompatible
     checkpoint); the command-line entry points print its message on one line and exit 2."""
+
+
+def run_command(prog: str, command: Callable[[argparse.Namespace], object],
+                args: argparse.Namespace) -> int:
+    """Runs an entry point's ``command``: a :class:`CLIError` or ``OSError`` is printed on one
+    line (exit 2), Ctrl-C ends with exit 130; 0 otherwise."""
+    try:
+        command(args)
+    except (CLIError, OSError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    return 0
 
 
 class OneLineParser(argparse.ArgumentParser):
