@@ -103,10 +103,13 @@ def group_ids(sizes: torch.Tensor, num_rows: int) -> torch.Tensor:
     )
 
 
-def row_roles(offsets: torch.Tensor, num_sub: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-    """Role of every row, ``[T]`` int64: 0 reasoning, 1 sub-question, 2 irrelevant."""
+def row_roles(offsets: torch.Tensor, num_sub: torch.Tensor, sizes: torch.Tensor,
+              gid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Role of every row, ``[T]`` int64: 0 reasoning, 1 sub-question, 2 irrelevant.
+    ``gid``: the rows' group ids (:func:`group_ids`), when the caller has them already."""
     num_rows = int(offsets[-1])
-    gid = group_ids(sizes, num_rows)
+    if gid is None:
+        gid = group_ids(sizes, num_rows)
     pos = torch.arange(num_rows, device=offsets.device) - offsets[:-1][gid]
     roles = torch.full_like(pos, ROLE_IRRELEVANT)
     roles[pos <= num_sub[gid]] = ROLE_SUB
@@ -115,15 +118,16 @@ def row_roles(offsets: torch.Tensor, num_sub: torch.Tensor, sizes: torch.Tensor)
 
 
 def candidate_layout(
-    offsets: torch.Tensor, num_sub: torch.Tensor
+    offsets: torch.Tensor, num_sub: torch.Tensor, num_rows: Optional[int] = None
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Candidate view of a packed layout for the ranking metrics (SPEC §2).
+    """Candidate view of a validated packed layout (``num_rows`` as in :func:`check_layout`)
+    for the ranking metrics (SPEC §2).
 
     Returns ``(rows [C], relevant [C] bool, candidate_offsets [N+1])``: the packed row of every
     candidate (all rows but the reasoning rows), whether it is a sub-question, and the
     candidate offsets (``offsets[g] - g``).
     """
-    sizes = check_layout(offsets, num_sub, None).sizes
+    sizes = check_layout(offsets, num_sub, num_rows).sizes
     roles = row_roles(offsets, num_sub, sizes)
     rows = (roles != ROLE_REASONING).nonzero().squeeze(1)
     relevant = roles[rows] == ROLE_SUB

@@ -120,8 +120,7 @@ def ranking_metrics_packed(
     """
     scores = torch.as_tensor(_as_scores(similarity))
     offsets, num_sub = torch.as_tensor(offsets).cpu(), torch.as_tensor(num_sub).cpu()
-    check_layout(offsets, num_sub, scores.numel())
-    rows, relevant, candidate_offsets = candidate_layout(offsets, num_sub)
+    rows, relevant, candidate_offsets = candidate_layout(offsets, num_sub, scores.numel())
     return ranking_metrics(scores[rows], relevant, candidate_offsets, **kwargs)
 
 

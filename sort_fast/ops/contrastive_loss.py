@@ -21,7 +21,7 @@ from torch.autograd.function import once_differentiable
 # The CPU backend's segment sums use sparse CSR products; their beta notice is not for users.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
-from ..layout import Layout, check_layout, group_ids
+from ..layout import ROLE_SUB, Layout, check_layout, group_ids, row_roles
 from . import triton_available
 
 __all__ = [
@@ -64,7 +64,7 @@ class _TorchBackend:
         cos[start] = 1.0
         if num_sub is None:
             return cos, norm, None, None
-        weight, loss = _hinge(cos, start, sizes, num_sub, gid, margin, contrastive)
+        weight, loss = _hinge(cos, offsets, sizes, num_sub, gid, margin, contrastive)
         return cos, norm, weight, loss
 
     @staticmethod
@@ -96,14 +96,14 @@ class _TorchBackend:
         return dgrad, dG.mul_(grad).to(act.dtype)
 
 
-def _hinge(cos, start, sizes, num_sub, gid, margin, contrastive):
+def _hinge(cos, offsets, sizes, num_sub, gid, margin, contrastive):
     """Per-row weights ``dL_g/dc [T]`` and per-group losses ``[N]`` from the cosines (SPEC §3)."""
+    start = offsets[:-1]
     num_irr = sizes - 1 - num_sub
     weight = torch.zeros_like(cos)
     if not contrastive:
         inv = 1.0 / num_sub.to(cos.dtype)
-        pos = torch.arange(cos.numel(), device=cos.device) - start[gid]
-        sub = ((pos >= 1) & (pos <= num_sub[gid])).nonzero().squeeze(1)
+        sub = (row_roles(offsets, num_sub, sizes, gid) == ROLE_SUB).nonzero().squeeze(1)
         loss = torch.zeros_like(inv).index_add_(0, gid[sub], 1.0 - cos[sub]) * inv
         weight[sub] = -inv[gid[sub]]
         return weight, loss
