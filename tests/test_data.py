@@ -102,6 +102,17 @@ def test_synthetic_statistics(synth):
     assert len({g.image_id for g in train}) < len(train)         # images carry several groups
 
 
+def test_synthetic_test_split_is_held_out(synth):
+    train, val = synth
+    test = SyntheticIntrospect(seed=0, split="test", num_groups=300)
+    assert test.vocab == train.vocab and test.answer_vocab == train.answer_vocab
+    images = {g.image_id for g in test}
+    assert images.isdisjoint({g.image_id for g in train} | {g.image_id for g in val})
+    assert [g.questions for g in test] != [g.questions for g in val]
+    with pytest.raises(ValueError, match="'train', 'val' or 'test'"):
+        SyntheticIntrospect(split="dev")
+
+
 def test_synthetic_questions_follow_their_facts(synth):
     """Sub-question answers imply the reasoning answer for the fully determined templates."""
     train = synth[0]

@@ -76,6 +76,17 @@ def test_evaluate_on_more_groups_via_flags(trained, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["metrics"]["groups"] == 30
 
 
+def test_evaluate_on_the_held_out_test_split(trained, tmp_path):
+    val, test = tmp_path / "val", tmp_path / "test"
+    ckpt_path = str(trained / "checkpoint.pt")
+    assert evaluate_main([ckpt_path, "--out", str(val)]) == 0
+    assert evaluate_main([ckpt_path, "--out", str(test), "--synthetic-split", "test"]) == 0
+    on_val = json.loads((val / "metrics.json").read_text())["metrics"]
+    on_test = json.loads((test / "metrics.json").read_text())["metrics"]
+    assert on_test["groups"] == on_val["groups"] == 20
+    assert on_test["pairs"] != on_val["pairs"] or on_test["mrr"] != on_val["mrr"]
+
+
 def test_format_table_layout():
     metrics = {k: 0.5 for _, k, _, _ in COLUMNS}
     metrics.update(wpr=0.1, grounding_spearman=None)

@@ -36,8 +36,10 @@ EXTRA_ABSENT = (1, 2)    # absent object types asked about ("is there a ...?" ->
 BACKGROUND_RANGE = (2, 6)
 AMPLITUDE = (0.5, 1.5)   # visibility of one attribute in a region's feature vector
 NUM_BACKGROUND_PROTOTYPES = 4
-DEFAULT_GROUPS = {"train": 3000, "val": 1000}
-VAL_IMAGE_ID_START = 1_000_000
+DEFAULT_GROUPS = {"train": 3000, "val": 1000, "test": 1000}
+# per split: the random stream and the first image id (the splits share no image)
+SPLIT_STREAM = {"train": 1, "val": 2, "test": 3}
+SPLIT_IMAGE_ID_START = {"train": 0, "val": 1_000_000, "test": 2_000_000}
 
 Fact = Tuple[str, str]   # (attribute, object type): ("colour", "dog"), ("present", "cup"), ...
 Objects = Dict[str, Dict[str, str]]   # present object type -> {"colour", "size", "state"}
@@ -163,9 +165,10 @@ def _soft_scores(human_answers: Tuple[str, ...]) -> Dict[str, float]:
 class SyntheticIntrospect(Sequence[Group]):
     """Deterministic synthetic VQA-Introspect-like groups (a ``Sequence`` of :class:`Group`).
 
-    ``split="train"`` and ``"val"`` draw disjoint images (val image ids start at 1,000,000) from
-    the same world (prototype vectors fixed by ``seed``). ``num_groups`` defaults to 3000 (train)
-    / 1000 (val). Region features are ``[R, feature_dim]`` with ``R`` in 6..17; ``noise`` is the
+    ``split="train"``, ``"val"`` and ``"test"`` draw disjoint images (val image ids start at
+    1,000,000, test at 2,000,000) from the same world (prototype vectors fixed by ``seed``);
+    ``test`` is a held-out split for reporting results tuned on ``val``. ``num_groups``
+    defaults to 3000 (train) / 1000 (val, test). Region features are ``[R, feature_dim]`` with ``R`` in 6..17; ``noise`` is the
     per-dimension standard deviation of the Gaussian noise added to every region.
     Attributes: ``vocab`` (questions), ``answer_vocab``, ``templates`` (template name per group).
     """
@@ -173,7 +176,7 @@ class SyntheticIntrospect(Sequence[Group]):
     def __init__(self, seed: int = 0, split: str = "train", num_groups: Optional[int] = None,
                  *, feature_dim: int = 64, noise: float = 0.3) -> None:
         if split not in DEFAULT_GROUPS:
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
         num_groups = DEFAULT_GROUPS[split] if num_groups is None else num_groups
         if num_groups < 1:
             raise ValueError(f"num_groups must be >= 1, got {num_groups}")
@@ -192,10 +195,10 @@ class SyntheticIntrospect(Sequence[Group]):
         }
         self._background = self._unit(world.standard_normal((NUM_BACKGROUND_PROTOTYPES,
                                                                feature_dim)))
-        rng = np.random.default_rng([seed, 1 if split == "train" else 2])
+        rng = np.random.default_rng([seed, SPLIT_STREAM[split]])
         self.groups: List[Group] = []
         self.templates: List[str] = []
-        image_id = 0 if split == "train" else VAL_IMAGE_ID_START
+        image_id = SPLIT_IMAGE_ID_START[split]
         while len(self.groups) < num_groups:
             n = int(rng.integers(GROUPS_PER_IMAGE[0], GROUPS_PER_IMAGE[1] + 1))
             self._image(rng, image_id, min(n, num_groups - len(self.groups)))

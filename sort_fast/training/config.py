@@ -243,6 +243,10 @@ def build_evaluate_parser() -> OneLineParser:
     _add_run_flags(p)
     p.add_argument("--synthetic-seed", type=int, default=None,
                    help="seed of the synthetic benchmark (default: as in training)")
+    p.add_argument("--synthetic-split", choices=("val", "test"), default=None,
+                   help="split of the synthetic benchmark to evaluate on: val (the one "
+                        "training reports and tuning may look at) or test (held out for "
+                        "final numbers; default: as in training, i.e. val)")
     _add_eval_data_flags(p, defaults=False)
     return p
 

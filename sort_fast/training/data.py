@@ -42,7 +42,8 @@ def _introspect(paths: Sequence[str], vocab: Optional[Vocab], answer_vocab: Opti
 def _val_data(source: Dict[str, Any], vocab: Optional[Vocab], answer_vocab: Optional[Vocab]
               ) -> Sequence[Group]:
     if source["kind"] == "synthetic":
-        val = SyntheticIntrospect(seed=source["seed"], split="val", num_groups=source["groups"])
+        val = SyntheticIntrospect(seed=source["seed"], split=source.get("split", "val"),
+                                  num_groups=source["groups"])
         if vocab is not None and (val.vocab != vocab or val.answer_vocab != answer_vocab):
             raise CLIError("the synthetic benchmark's vocabulary differs from the checkpoint's")
         return val
@@ -83,6 +84,8 @@ def load_val_data(args: argparse.Namespace, stored: Dict[str, Any], vocab: Vocab
             source["seed"] = args.synthetic_seed
         if args.synthetic_val_groups is not None:
             source["groups"] = args.synthetic_val_groups
+        if args.synthetic_split is not None:
+            source["split"] = args.synthetic_split
     else:
         source = dict(stored)
     val = _val_data(source, vocab, answer_vocab)
