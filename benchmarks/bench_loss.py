@@ -212,4 +212,5 @@ def test_bandwidth_floor(benchmark, size):
     floor = must_move / bandwidth
     benchmark.extra_info["copy_gb_per_s"] = bandwidth / 1e9
     benchmark.extra_info["floor_ms"] = floor * 1e3
-    benchmark.extra_info["floor_fraction"] = floor / benchmark.stats.stats.median
+    if benchmark.stats:  # None under --benchmark-disable
+        benchmark.extra_info["floor_fraction"] = floor / benchmark.stats.stats.median

@@ -22,20 +22,25 @@ group (SOrT hinge, margin 0) plus the BCE terms (``λ = 2.27, 2.27, 3e-4``), bac
 
 * ``original``: the authors' way. Samples are triples; a batch of the reasoning questions, one of
   the sub-questions and one of the irrelevant questions (one row per triple, each with its own
-  copy of the image's regions, so the image side runs once per question) go through three
-  forward passes and three ``autograd.grad(scores, joint, grad_outputs=one_hot,
-  create_graph=True)`` calls; cosines in a Python loop over the triples; hinge and BCE averaged
-  over triples.
-* ``vectorized``: the packed layout, one forward, one ``autograd.grad(scores.gather(1, c).sum(),
+  copy of the image's regions and its own question encoding, as a standard VQA model sees a
+  batch) go through three forward passes and three ``autograd.grad(scores, joint,
+  grad_outputs=one_hot, create_graph=True)`` calls; cosines in a Python loop over the triples;
+  hinge and BCE averaged over triples.
+* ``vectorized``: the packed layout with the same per-row inputs (every question row its own
+  image copy and question encoding), one forward, one ``autograd.grad(scores.gather(1, c).sum(),
   joint, create_graph=True)``, :func:`bench_loss.vectorized_loss` and the per-role BCE.
+* ``vectorized_shared``: the vectorised autograd path on the shared-input forward the fused path
+  uses (image side once per image, question side once per distinct question): what is left of
+  the fused path's gain once the inputs are shared, i.e. the closed form and the fused loss.
 * ``fused``: :class:`sort_fast.training.Objective` ``("sort")``: image side once per image,
+  question side once per distinct question (167 of the 679 rows),
   closed-form :func:`~sort_fast.ops.head_gradcam.head_gradcam`, :class:`~sort_fast.SOrTLoss`.
 
 Group ``step-<size>``; ``extra_info``: ``triples_per_s`` (triples / median step time) and
 ``peak_mb`` (one step after a warm-up step, so without the optimizer state's first allocation,
 :func:`common.peak_memory_bytes`). Before timing, each size is checked
 once on fresh copies of the model in eval mode (no dropout): the contrastive term per group and
-the parameter gradients of the contrastive term alone must agree across the three paths (the
+the parameter gradients of the contrastive term alone must agree across the four paths (the
 original path averages its total loss over triples, the others over groups and roles, so the
 totals differ by definition); the vectorised and fused totals and all their gradients must agree.
 Tolerances: per-group loss ``rtol=1e-4, atol=1e-6``; every gradient entry
@@ -68,14 +73,15 @@ NUM_GROUPS = 64
 LAMBDAS = (2.27, 2.27, 3e-4)
 PYTHIA_REGIONS, PYTHIA_ANSWERS = 36, 3129
 SIZES = ("small", "pythia")
-PATHS = ("original", "vectorized", "fused")
-ROUNDS = {"small": {"original": 3, "vectorized": 10, "fused": 10},
-          "pythia": {"original": 1, "vectorized": 2, "fused": 2}}
+PATHS = ("original", "vectorized", "vectorized_shared", "fused")
+ROUNDS = {"small": {"original": 3, "vectorized": 10, "vectorized_shared": 10, "fused": 10},
+          "pythia": {"original": 1, "vectorized": 2, "vectorized_shared": 2, "fused": 2}}
 
 
 class Setup(NamedTuple):
     model: PythiaVQA          # the initial weights; every path trains its own copy
     batch: PackedBatch        # the 64 groups packed (SPEC §2)
+    per_row: PackedBatch      # the same, every question row with its own image copy
     triples: List[PackedBatch]  # the original path's reasoning, sub and irrelevant batches
     triple_group: torch.Tensor  # group of each triple [P]
 
@@ -94,22 +100,28 @@ def _pythia_groups(groups):
     return out
 
 
-def _question_batch(batch: PackedBatch, rows: torch.Tensor) -> PackedBatch:
-    """The questions ``rows`` of ``batch``, one sample each with its own copy of its image (as
-    the authors' dataloader yields them). The layout fields are not read by the model; they
-    describe the rows as a single group."""
-    image = batch.image_index[rows]
+def _own_images(batch: PackedBatch) -> PackedBatch:
+    """``batch`` with its own copy of the image for every question row (as the authors'
+    dataloader yields samples)."""
+    image = batch.image_index
     return dataclasses.replace(
+        batch, image_features=batch.image_features[image], image_boxes=batch.image_boxes[image],
+        image_mask=batch.image_mask[image],
+        image_index=torch.arange(image.numel(), device=image.device),
+        image_ids=[batch.image_ids[i] for i in image.tolist()])
+
+
+def _question_batch(batch: PackedBatch, rows: torch.Tensor) -> PackedBatch:
+    """The questions ``rows`` of ``batch``, one sample each with its own copy of its image. The
+    layout fields are not read by the model; they describe the rows as a single group."""
+    return _own_images(dataclasses.replace(
         batch, question_tokens=batch.question_tokens[rows],
-        question_lengths=batch.question_lengths[rows], image_features=batch.image_features[image],
-        image_boxes=batch.image_boxes[image], image_mask=batch.image_mask[image],
-        image_index=torch.arange(rows.numel(), device=rows.device),
+        question_lengths=batch.question_lengths[rows], image_index=batch.image_index[rows],
         offsets=torch.tensor([0, rows.numel()], device=rows.device),
         num_sub=torch.tensor([rows.numel() - 1], device=rows.device),
         targets=batch.targets[rows], classes=batch.classes[rows],
         grounding=batch.grounding[:0], has_grounding=batch.has_grounding[:0],
-        image_ids=[batch.image_ids[i] for i in image.tolist()],
-        question_ids=[batch.question_ids[i] for i in rows.tolist()])
+        question_ids=[batch.question_ids[i] for i in rows.tolist()]))
 
 
 @functools.lru_cache(maxsize=None)
@@ -133,10 +145,10 @@ def setup(size: str) -> Setup:
                     rows[role].append(row)
                 group_of.append(g)
     triples = [_question_batch(batch, torch.tensor(r, device=DEVICE)) for r in rows]
-    return Setup(model, batch, triples, torch.tensor(group_of, device=DEVICE))
+    return Setup(model, batch, _own_images(batch), triples, torch.tensor(group_of, device=DEVICE))
 
 
-# --------------------------------------------------------------------------- the three losses
+# --------------------------------------------------------------------------- the losses
 
 
 def original_terms(model: PythiaVQA, triples: List[PackedBatch]):
@@ -144,7 +156,7 @@ def original_terms(model: PythiaVQA, triples: List[PackedBatch]):
     irrelevant batches (summed over answers, averaged over triples)."""
     cams, bce = [], []
     for part in triples:
-        out = model(part)
+        out = model(part, share_questions=False)
         one_hot = F.one_hot(part.classes, out.scores.shape[1]).to(out.scores.dtype)
         (g,) = torch.autograd.grad(out.scores, out.joint, grad_outputs=one_hot, create_graph=True)
         cams.append(g * out.joint)
@@ -164,9 +176,9 @@ def original_loss(model, setup_: Setup) -> torch.Tensor:
     return hinge.mean() + sum(lam * b for lam, b in zip(LAMBDAS, bce))
 
 
-def vectorized_parts(model, batch: PackedBatch):
+def vectorized_parts(model, batch: PackedBatch, share_questions: bool):
     """``(grad, joint, contrastive, total)`` of the SPEC §7 vectorised autograd path."""
-    out = model(batch)
+    out = model(batch, share_questions=share_questions)
     y = out.scores.gather(1, batch.classes[:, None]).sum()
     (grad,) = torch.autograd.grad(y, out.joint, create_graph=True)
     contrastive = vectorized_loss(grad, out.joint, batch.offsets, batch.num_sub)
@@ -195,7 +207,8 @@ def fused_parts(model, batch: PackedBatch, sort_loss, mark: Callable[[], None] =
 
 LOSSES: Dict[str, Callable[[PythiaVQA, Setup], torch.Tensor]] = {
     "original": original_loss,
-    "vectorized": lambda model, s: vectorized_parts(model, s.batch)[3],
+    "vectorized": lambda model, s: vectorized_parts(model, s.per_row, False)[3],
+    "vectorized_shared": lambda model, s: vectorized_parts(model, s.batch, True)[3],
     "fused": lambda model, s: make_objective()(model, s.batch)[0],
 }
 
@@ -215,8 +228,10 @@ def _check_terms(path: str, model: PythiaVQA, s: Setup):
         per_group = torch.zeros(batch.num_groups, dtype=hinge.dtype, device=hinge.device)
         per_group = per_group.index_add(0, s.triple_group, hinge) / pairs.clamp_min(1)
         return per_group, per_group[pairs > 0].mean(), None
-    if path == "vectorized":
-        grad, joint, contrastive, total = vectorized_parts(model, batch)
+    if path.startswith("vectorized"):
+        shared = path == "vectorized_shared"
+        grad, joint, contrastive, total = vectorized_parts(model, batch if shared else s.per_row,
+                                                           shared)
     else:
         grad, joint, parts = fused_parts(model, batch, make_objective().sort_loss)
         contrastive, total = parts.contrastive, parts.total
@@ -299,8 +314,9 @@ def _bench_step(benchmark, path: str, size: str) -> None:
     step()  # warm-up; allocates the optimizer state, so peak_mb is one step's working memory
     benchmark.extra_info["peak_mb"] = peak_memory_bytes(step) / 2**20
     benchmark.pedantic(step, rounds=ROUNDS[size][path])
-    benchmark.extra_info["triples_per_s"] = (
-        setup(size).triple_group.numel() / benchmark.stats.stats.median)
+    if benchmark.stats:  # None under --benchmark-disable
+        benchmark.extra_info["triples_per_s"] = (
+            setup(size).triple_group.numel() / benchmark.stats.stats.median)
 
 
 sizes = pytest.mark.parametrize("size", SIZES)
@@ -314,6 +330,11 @@ def test_step_original(benchmark, size):
 @sizes
 def test_step_vectorized(benchmark, size):
     _bench_step(benchmark, "vectorized", size)
+
+
+@sizes
+def test_step_vectorized_shared(benchmark, size):
+    _bench_step(benchmark, "vectorized_shared", size)
 
 
 @sizes

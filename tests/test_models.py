@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -54,6 +56,38 @@ def test_image_side_runs_once_per_image(data):
     model.image_projection.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape))
     model(batch)
     assert seen == [batch.image_features.shape]
+
+
+def test_question_side_runs_once_per_distinct_question(data):
+    ds, batch = data
+    texts = [tuple(t[:n].tolist()) for t, n in zip(batch.question_tokens,
+                                                   batch.question_lengths)]
+    assert len(set(texts)) < len(texts)  # the data repeat questions
+    model = _model(ds)
+    seen = []
+    model.question_encoder.register_forward_hook(lambda m, inp, out: seen.append(out.shape[0]))
+    model(batch)
+    model(batch, share_questions=False)
+    assert seen == [len(set(texts)), len(texts)]
+
+
+def test_shared_questions_match_per_row_values_and_gradients(data):
+    """Sharing the question side changes neither the outputs nor any parameter gradient
+    (float64, dropout off)."""
+    ds, batch = data
+    model = _model(ds).double().eval()
+    batch = dataclasses.replace(batch, image_features=batch.image_features.double())
+    params = list(model.parameters())
+    results = []
+    for share in (True, False):
+        out = model(batch, share_questions=share)
+        loss = (out.scores.sin().sum() + out.joint.square().sum() + out.attention.cos().sum())
+        results.append((out, torch.autograd.grad(loss, params)))
+    (shared, g_shared), (rows, g_rows) = results
+    for name in ("scores", "joint", "attention"):
+        torch.testing.assert_close(getattr(shared, name), getattr(rows, name))
+    for (name, _), a, b in zip(model.named_parameters(), g_shared, g_rows):
+        torch.testing.assert_close(a, b, msg=name)
 
 
 def test_attention_matches_per_question_reference(data):

@@ -91,6 +91,19 @@ class QuestionEncoder(nn.Module):
         return torch.einsum("tlg,tlh->tgh", weights, hidden).flatten(1)
 
 
+def _distinct_questions(tokens: torch.Tensor, lengths: torch.Tensor
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``first [U]``: the first row of each distinct ``(tokens, length)`` question, and
+    ``inverse [T]``: the distinct question of every row (``rows == first[inverse]`` in
+    content)."""
+    key = torch.cat([tokens, lengths[:, None]], dim=1)
+    _, inverse = torch.unique(key, dim=0, return_inverse=True)
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    first = torch.full((int(inverse.max()) + 1,), tokens.shape[0], dtype=rows.dtype,
+                       device=rows.device).scatter_reduce_(0, inverse, rows, "amin")
+    return first, inverse
+
+
 def _slots(image_index: torch.Tensor, num_images: int) -> Tuple[torch.Tensor, int]:
     """Position of every question among the questions of its image ``[T]`` and the largest
     number of questions on one image (lays the questions out as ``[I, Q, ...]``)."""
@@ -108,7 +121,10 @@ class PythiaVQA(nn.Module):
 
     The image side (``image_projection`` of the regions) runs once per image of the batch, not
     once per question; questions reach their image's regions through ``batch.image_index``
-    with batched matmuls, so nothing of size ``[T, R, F]`` is materialised.
+    with batched matmuls, so nothing of size ``[T, R, F]`` is materialised. Likewise the
+    question side (encoder and the two question projections) runs once per distinct question
+    text of the batch (a question asked about several images, or in several groups, is
+    encoded once; ``share_questions=False`` encodes every row).
     ``classifier`` is a :class:`~sort_fast.heads.BranchSum` of two
     ``Sequential(Linear(wn), ReLU, Dropout, Linear)`` branches over ``joint``.
     Deviation from Pythia: the attention scorer is linear in the image and question
@@ -139,19 +155,28 @@ class PythiaVQA(nn.Module):
         with torch.no_grad():
             emb.copy_(weights)
 
-    def forward(self, batch: PackedBatch, *, scores: bool = True) -> PythiaOutput:
+    def forward(self, batch: PackedBatch, *, scores: bool = True,
+                share_questions: bool = True) -> PythiaOutput:
         """``scores=False`` skips the classifier (``out.scores`` is ``None``): for callers that
         run it themselves, e.g. :func:`~sort_fast.ops.head_gradcam.head_gradcam` on
-        ``out.joint``."""
+        ``out.joint``. ``share_questions=False`` runs the question side on every row instead of
+        once per distinct question (same values; for comparisons)."""
         if not isinstance(batch, PackedBatch):
             raise TypeError(f"PythiaVQA takes a PackedBatch, got {type(batch).__name__}")
         feats, mask, index = batch.image_features, batch.image_mask, batch.image_index
         if feats.shape[-1] != self.config.feature_dim:
             raise ValueError(f"image features have {feats.shape[-1]} dims, the model expects "
                              f"{self.config.feature_dim}")
-        q = self.question_encoder(batch.question_tokens, batch.question_lengths)   # [T, Dq]
+        tokens, lengths = batch.question_tokens, batch.question_lengths
+        if share_questions:
+            first, inverse = _distinct_questions(tokens, lengths)
+            tokens, lengths = tokens[first], lengths[first]
+        q = self.question_encoder(tokens, lengths)                                 # [U, Dq]
+        qp = self.question_projection(q) * self.attention_scorer.weight[0]         # [U, H]
+        qf = self.question_fusion(q)                                               # [U, D]
+        if share_questions:
+            qp, qf = qp[inverse], qf[inverse]                                      # [T, ...]
         img = self.image_projection(feats)                                         # [I, R, H]
-        qp = self.question_projection(q) * self.attention_scorer.weight[0]         # [T, H]
         slot, per_image = _slots(index, feats.shape[0])
         q_grid = qp.new_zeros(feats.shape[0], per_image, qp.shape[1])
         q_grid[index, slot] = qp
@@ -161,7 +186,7 @@ class PythiaVQA(nn.Module):
         a_grid = attention.new_zeros(feats.shape[0], per_image, feats.shape[1])
         a_grid[index, slot] = attention
         attended = torch.bmm(a_grid, feats)[index, slot]                          # [T, F]
-        joint = self.joint_dropout(self.image_fusion(attended) * self.question_fusion(q))
+        joint = self.joint_dropout(self.image_fusion(attended) * qf)
         return PythiaOutput(scores=self.classifier(joint) if scores else None, joint=joint,
                             attention=attention)
 
