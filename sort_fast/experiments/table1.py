@@ -268,7 +268,7 @@ def plot(results: Dict[str, Any], path: Path) -> None:
             "mrr", "wpr", "grounding")
     titles = {key: h + (" ↑" if up else " ↓") for key, _, h, up in METRICS}
     rows = {"pretrained": results["pretrained"], **results["methods"]}
-    colours = ["tab:gray", "black", "tab:blue", "tab:orange", "tab:green"]
+    colours = ["tab:gray", "tab:purple", "tab:blue", "tab:orange", "tab:green"]
     fig, axes = plt.subplots(2, 4, figsize=(15, 6.5))
     x = np.arange(len(rows))
     for ax, key in zip(axes.ravel(), keys):
@@ -384,7 +384,7 @@ def build_parser() -> OneLineParser:
     p = OneLineParser(prog=PROG, description="Reproduce the paper's Table 1 on the embedded synthetic "
                       "benchmark. Trains the four rows of Table 1 from the same plain model over "
                         "several seeds, tunes λ on the val split and reports the held-out "
-                        "test split. Defaults take about an hour on a 2-core CPU.")
+                        "test split. The defaults take about 25 minutes on a 2-core CPU.")
     p.add_argument("--out", default="runs/table1",
                    help="directory of all runs (pretrain/, finetune/<row>/<λ>/seed<k>/, "
                         "table1.md); rerunning continues an interrupted invocation "
