@@ -71,6 +71,23 @@ def test_question_side_runs_once_per_distinct_question(data):
     assert seen == [len(set(texts)), len(texts)]
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_distinct_questions_against_a_dictionary(seed):
+    from sort_fast.models.pythia import _distinct_questions
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 6, (40,), generator=g)
+    tokens = torch.randint(2, 5, (40, 6), generator=g)
+    tokens[torch.arange(6) >= lengths[:, None]] = 0      # 0-padded, prefixes of each other
+    first, inverse = _distinct_questions(tokens, lengths)
+    rows = [(tuple(t.tolist()), int(n)) for t, n in zip(tokens, lengths)]
+    want = list(dict.fromkeys(rows))
+    assert len(first) == len(want)
+    assert sorted(rows[i] for i in first.tolist()) == sorted(want)
+    for t, u in enumerate(inverse.tolist()):
+        assert rows[first[u]] == rows[t] and first[u] <= t   # first occurrence of its question
+
+
 def test_shared_questions_match_per_row_values_and_gradients(data):
     """Sharing the question side changes neither the outputs nor any parameter gradient
     (float64, dropout off)."""

@@ -96,8 +96,12 @@ def _distinct_questions(tokens: torch.Tensor, lengths: torch.Tensor
     """``first [U]``: the first row of each distinct ``(tokens, length)`` question, and
     ``inverse [T]``: the distinct question of every row (``rows == first[inverse]`` in
     content)."""
-    key = torch.cat([tokens, lengths[:, None]], dim=1)
-    _, inverse = torch.unique(key, dim=0, return_inverse=True)
+    # dense rank of each row in lexicographic order, one column at a time (the rank so far
+    # stays below T, so rank * base + column fits int64); cheaper than unique(dim=0)
+    base = int(tokens.max()) + 1 if tokens.numel() else 1
+    inverse = lengths
+    for column in tokens.unbind(1):
+        inverse = torch.unique(inverse * base + column, return_inverse=True)[1]
     rows = torch.arange(tokens.shape[0], device=tokens.device)
     first = torch.full((int(inverse.max()) + 1,), tokens.shape[0], dtype=rows.dtype,
                        device=rows.device).scatter_reduce_(0, inverse, rows, "amin")
