@@ -45,8 +45,9 @@ original path averages its total loss over triples, the others over groups and r
 totals differ by definition); the vectorised and fused totals and all their gradients must agree.
 Tolerances: per-group loss ``rtol=1e-4, atol=1e-6``; every gradient entry
 ``|a - b| <= 1e-3 · |b| + 1e-4 · s``, ``s`` the largest gradient entry of all parameters (some
-gradients, e.g. of the bias before a softmax, are 0 up to rounding). Group ``step-breakdown-<size>`` times the fused step in stages
-(:func:`step_breakdown`) and stores each stage's fraction of the step in ``extra_info``.
+gradients, e.g. of the bias before a softmax, are 0 up to rounding). Group
+``step-breakdown-<size>`` times the fused step in stages (:func:`step_breakdown`) and stores each
+stage's fraction of the step in ``extra_info``.
 """
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 import pytest
 
-from sort_fast.experiments.table1 import METHODS, METRICS, PAPER, main, markdown, val_score
+from sort_fast.experiments.table1 import (METHODS, METRICS, PAPER, main, markdown, run_tag,
+                                         val_score)
 
 TINY = ["--jobs", "1", "--seeds", "2", "--tune-seeds", "1", "--pretrain-epochs", "2",
         "--finetune-epochs", "1", "--attention-grid", "0.1", "10", "--bce-grid", "2.27",
@@ -45,8 +46,7 @@ def test_lambda_is_the_best_val_score_of_its_grid(tiny):
     assert len(results["tuning"]["squint"]) == 2 and len(results["tuning"]["sort"]) == 2
     for row, scored in results["tuning"].items():
         for entry in scored:  # the score is recomputed from the run's own val metrics
-            lam = entry["lambdas"]
-            tag = "_".join(f"{k.removeprefix('lambda_')}{v:g}" for k, v in lam.items())
+            tag = run_tag(entry["lambdas"])
             val = json.loads((runs / "finetune" / row / tag / "seed0" / "metrics.json")
                              .read_text())["metrics"]
             assert entry["val_score"] == pytest.approx(val_score(val))
@@ -58,8 +58,7 @@ def test_lambda_is_the_best_val_score_of_its_grid(tiny):
 def test_reported_numbers_come_from_the_test_split(tiny):
     root, _, results = tiny
     for row, lam in results["lambdas"].items():
-        tag = "_".join(f"{k.removeprefix('lambda_')}{v:g}" for k, v in lam.items()) or "default"
-        run = root / "runs" / "finetune" / row / tag / "seed1"
+        run = root / "runs" / "finetune" / row / run_tag(lam) / "seed1"
         test = json.loads((run / "test" / "metrics.json").read_text())["metrics"]
         assert test["groups"] == 20  # --synthetic-test-groups, not the 24 val groups
         assert results["methods"][row][1]["consistency"] == test["consistency"]

@@ -27,6 +27,7 @@ import json
 import multiprocessing
 import shutil
 import sys
+import traceback
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from itertools import product
@@ -37,10 +38,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..training.checkpoint import atomic_write
-from ..training.config import (METHOD_NAMES, CLIError, OneLineParser, non_negative_float,
-                               positive_float, positive_int, run_command)
+from ..training.config import (METHOD_NAMES, CLIError, OneLineParser, build_train_parser,
+                               non_negative_float, positive_float, positive_int, run_command)
 
-__all__ = ["main", "build_parser", "PAPER", "METHODS", "METRICS"]
+__all__ = ["main", "build_parser", "run_tag", "val_score", "markdown", "plot", "PAPER",
+           "METHODS", "METRICS"]
 
 PROG = "python -m sort_fast.experiments.table1"
 # row key -> --loss of sort_fast.train
@@ -112,6 +114,9 @@ def _run_job(module: str, argv: Sequence[str], log: str) -> int:
             return entry(list(argv))
         except SystemExit as e:  # argparse errors
             return int(e.code or 0)
+        except Exception:  # a bug: its traceback goes to the log the failure message names
+            traceback.print_exc()
+            return 1
 
 
 def _execute(jobs: Sequence[Job], workers: int, desc: str) -> None:
@@ -143,6 +148,12 @@ def _execute(jobs: Sequence[Job], workers: int, desc: str) -> None:
     failed = [log for code, log in zip(codes, logs) if code != 0]
     if failed:
         raise CLIError(f"{len(failed)} run(s) failed; see {failed[0]}")
+
+
+def run_tag(lambdas: Dict[str, float]) -> str:
+    """The directory name of a fine-tuning setting, e.g. ``reasoning2.27_sub2.27_irrelevant0.0003``
+    (``default`` without λ)."""
+    return "_".join(f"{k.removeprefix('lambda_')}{v:g}" for k, v in lambdas.items()) or "default"
 
 
 class Plan:
@@ -180,8 +191,7 @@ class Plan:
                              *self._resume(out)), out)
 
     def finetune(self, row: str, lambdas: Dict[str, float], seed: int) -> Job:
-        tag = "_".join(f"{k.removeprefix('lambda_')}{v:g}" for k, v in lambdas.items())
-        out = self.root / "finetune" / row / (tag or "default") / f"seed{seed}"
+        out = self.root / "finetune" / row / run_tag(lambdas) / f"seed{seed}"
         flags = [x for k, v in lambdas.items() for x in ("--" + k.replace("_", "-"), repr(v))]
         init = self.pretrain(seed).out / "checkpoint.pt"
         return Job("train", ("--out", str(out), "--loss", METHODS[row], "--seed", str(seed),
@@ -381,10 +391,12 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 def build_parser() -> OneLineParser:
     """The parser of ``python -m sort_fast.experiments.table1``."""
-    p = OneLineParser(prog=PROG, description="Reproduce the paper's Table 1 on the embedded synthetic "
-                      "benchmark. Trains the four rows of Table 1 from the same plain model over "
-                        "several seeds, tunes λ on the val split and reports the held-out "
-                        "test split. The defaults take about 25 minutes on a 2-core CPU.")
+    train = build_train_parser().parse_args([])  # its defaults are the runs' defaults
+    p = OneLineParser(prog=PROG, description=(
+        "Reproduce the paper's Table 1 on the embedded synthetic benchmark. Trains the four "
+        "rows of Table 1 from the same plain model over several seeds, tunes λ on the val split "
+        "and reports the held-out test split. The defaults take about 25 minutes on a 2-core "
+        "CPU."))
     p.add_argument("--out", default="runs/table1",
                    help="directory of all runs (pretrain/, finetune/<row>/<λ>/seed<k>/, "
                         "table1.md); rerunning continues an interrupted invocation "
@@ -407,33 +419,38 @@ def build_parser() -> OneLineParser:
     proto.add_argument("--tune-seeds", type=positive_int, default=2,
                        help="the first N seeds also train every λ of the grids, scored on val "
                             "(default: %(default)s)")
-    proto.add_argument("--pretrain-epochs", type=positive_int, default=15,
+    proto.add_argument("--pretrain-epochs", type=positive_int, default=train.epochs,
                        help="epochs of the plain model (default: %(default)s)")
     proto.add_argument("--finetune-epochs", type=positive_int, default=5,
                        help="epochs of every fine-tuned row, the baseline included "
                             "(default: %(default)s)")
-    proto.add_argument("--attention-grid", type=non_negative_float, nargs="+", default=[0.1, 1.0, 10.0],
+    proto.add_argument("--attention-grid", type=non_negative_float, nargs="+",
+                       default=[0.1, 1.0, 10.0],
                        help="SQuINT's --lambda-attention values (default: %(default)s)")
-    proto.add_argument("--bce-grid", type=non_negative_float, nargs="+", default=[0.227, 2.27, 22.7],
+    proto.add_argument("--bce-grid", type=non_negative_float, nargs="+",
+                       default=[0.227, 2.27, 22.7],
                        help="SOrT's λ1 = λ2 (--lambda-reasoning = --lambda-sub) values "
                             "(default: %(default)s; the paper's is 2.27)")
-    proto.add_argument("--irrelevant-grid", type=non_negative_float, nargs="+", default=[3e-4, 2.27],
+    proto.add_argument("--irrelevant-grid", type=non_negative_float, nargs="+",
+                       default=[3e-4, 2.27],
                        help="SOrT's λ3 (--lambda-irrelevant) values (default: %(default)s; "
                             "the paper's is 3e-4)")
-    model = p.add_argument_group("model and data (as sort_fast.train)")
-    model.add_argument("--lr", type=positive_float, default=3e-3,
+    model = p.add_argument_group("model and data (defaults: sort_fast.train's)")
+    model.add_argument("--lr", type=positive_float, default=train.lr,
                        help="learning rate of every run (default: %(default)s)")
-    model.add_argument("--batch-groups", type=positive_int, default=64,
+    model.add_argument("--batch-groups", type=positive_int, default=train.batch_groups,
                        help="groups per step (default: %(default)s)")
-    model.add_argument("--hidden-dim", type=positive_int, default=64,
-                       help="model width, as sort_fast.train (default: %(default)s)")
-    model.add_argument("--joint-dim", type=positive_int, default=128,
+    model.add_argument("--hidden-dim", type=positive_int, default=train.hidden_dim,
+                       help="LSTM, attention and text-classifier width (default: %(default)s)")
+    model.add_argument("--joint-dim", type=positive_int, default=train.joint_dim,
                        help="joint embedding width (default: %(default)s)")
-    model.add_argument("--synthetic-seed", type=int, default=0,
+    model.add_argument("--synthetic-seed", type=int, default=train.synthetic_seed,
                        help="seed of the synthetic benchmark (default: %(default)s)")
-    model.add_argument("--synthetic-train-groups", type=positive_int, default=3000,
+    model.add_argument("--synthetic-train-groups", type=positive_int,
+                       default=train.synthetic_train_groups,
                        help="training groups (default: %(default)s)")
-    model.add_argument("--synthetic-val-groups", type=positive_int, default=1000,
+    model.add_argument("--synthetic-val-groups", type=positive_int,
+                       default=train.synthetic_val_groups,
                        help="val groups, for tuning (default: %(default)s)")
     model.add_argument("--synthetic-test-groups", type=positive_int, default=1000,
                        help="test groups, for the reported numbers (default: %(default)s)")
