@@ -75,7 +75,7 @@ LAMBDAS = (2.27, 2.27, 3e-4)
 PYTHIA_REGIONS, PYTHIA_ANSWERS = 36, 3129
 SIZES = ("small", "pythia")
 PATHS = ("original", "vectorized", "vectorized_shared", "fused")
-ROUNDS = {"small": {"original": 3, "vectorized": 10, "vectorized_shared": 10, "fused": 10},
+ROUNDS = {"small": {"original": 3, "vectorized": 30, "vectorized_shared": 30, "fused": 30},
           "pythia": {"original": 1, "vectorized": 2, "vectorized_shared": 2, "fused": 2}}
 
 
