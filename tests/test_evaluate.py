@@ -1,6 +1,7 @@
 """``python -m sort_fast.evaluate`` and the shared evaluation routine."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from sort_fast.data import SyntheticIntrospect
+from sort_fast.data import SyntheticIntrospect, collate_groups
 from sort_fast.evaluate import main as evaluate_main
 from sort_fast.models import PythiaConfig, PythiaVQA
 from sort_fast.train import main as train_main
@@ -67,6 +68,28 @@ def test_naive_and_closed_form_gradcam_agree(trained):
     np.testing.assert_allclose(fused.similarity, naive.similarity, atol=1e-5)
     assert fused.metrics["mp1"] == naive.metrics["mp1"]
     assert model.training  # evaluate restores the mode
+
+
+def test_question_without_an_answer_in_the_vocabulary_is_never_correct(trained):
+    state = ckpt.load_checkpoint(trained / "checkpoint.pt")
+    model = PythiaVQA(PythiaConfig(**state["model_config"]))
+    model.load_state_dict(state["model"])
+    with torch.no_grad():  # every prediction becomes class 0
+        for branch in model.classifier.branches:
+            branch[-1].bias.fill_(-1e4)
+        model.classifier.branches[0][-1].bias[0] = 1e4
+    groups = list(SyntheticIntrospect(seed=0, split="val", num_groups=20))
+    # the first reasoning question's answers all lie outside the answer vocabulary
+    groups[0] = dataclasses.replace(groups[0], targets=[{}, *groups[0].targets[1:]])
+    batch = collate_groups(groups)
+    assert int(batch.classes[0]) == 0 and float(batch.targets[0].sum()) == 0.0
+    metrics = evaluate(model, groups, batch_groups=8, device=torch.device("cpu")).metrics
+    answerable = batch.targets.amax(1) > 0
+    assert metrics["accuracy"] == pytest.approx(
+        float(((batch.classes == 0) & answerable).double().mean()))
+    first = batch.offsets[:-1]
+    assert metrics["reasoning_accuracy"] == pytest.approx(
+        float(((batch.classes[first] == 0) & answerable[first]).double().mean()))
 
 
 def test_evaluate_on_more_groups_via_flags(trained, tmp_path):

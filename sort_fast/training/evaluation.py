@@ -97,7 +97,9 @@ def evaluate(model: PythiaVQA, groups: Sequence[Group], *, batch_groups: int,
                                                 create_graph=False)
             sim = gradcam_similarity(grad.detach(), out.joint.detach(), batch.offsets)
             pred = scores.argmax(1)
-            correct = pred == batch.classes
+            # a question none of whose answers is in the answer vocabulary (all-zero targets,
+            # class 0 by convention) cannot be answered correctly
+            correct = (pred == batch.classes) & (batch.targets.amax(1) > 0)
             meter.update_packed(correct, batch.offsets, batch.num_sub,
                                 batch.targets.gather(1, pred[:, None]).squeeze(1))
             size = batch.offsets[1:] - batch.offsets[:-1]
