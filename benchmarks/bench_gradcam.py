@@ -31,7 +31,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import peak_memory_bytes
+from bench_loss import vectorized_hinge
+from common import peak_memory_bytes, synchronize
 from sort_fast.heads import mlp_head, pythia_classifier
 from sort_fast.ops.head_gradcam import head_gradcam
 
@@ -64,12 +65,11 @@ PATHS = {"closed": gradcam_closed, "autograd_onehot": gradcam_onehot, "autograd_
 
 
 def sort_loss(scores: torch.Tensor, G: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Contrastive gradient loss (SPEC §3, equal-size groups) plus BCE on the scores."""
-    g = G.view(-1, GROUP, G.shape[1])
-    cos = F.cosine_similarity(g[:, 1:], g[:, :1], dim=2)  # [N, GROUP - 1]
-    sub, irr = cos[:, :NUM_SUB], cos[:, NUM_SUB:]
-    hinge = (irr[:, None, :] - sub[:, :, None]).clamp_min(0).mean((1, 2)).mean()
-    return hinge + 2.27 * F.binary_cross_entropy_with_logits(scores, targets)
+    """Contrastive gradient loss (SPEC §3) of the equal-size groups plus BCE on the scores."""
+    offsets = torch.arange(0, ROWS + 1, GROUP, device=G.device)
+    num_sub = torch.full((ROWS // GROUP,), NUM_SUB, device=G.device)
+    return (vectorized_hinge(G, offsets, num_sub)
+            + 2.27 * F.binary_cross_entropy_with_logits(scores, targets))
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,11 +82,6 @@ def setup(head_name: str, device: str):
     classes = torch.randint(0, ANSWERS, (ROWS,), device=device)
     targets = torch.zeros(ROWS, ANSWERS, device=device).scatter_(1, classes[:, None], 1.0)
     return head, h, classes, targets
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def forward_step(path: str, head, h, classes, targets):
@@ -128,7 +123,7 @@ def test_forward(benchmark, path, head_name, device):
     def run():
         with torch.enable_grad():
             PATHS[path](*args[:3])
-        _sync(device)
+        synchronize()
 
     checked(path, head_name, device)
     benchmark.pedantic(run, rounds=ROUNDS[head_name], iterations=1, warmup_rounds=1)
@@ -145,12 +140,12 @@ def test_backward(benchmark, path, head_name, device):
         args[0].zero_grad(set_to_none=True)
         args[1].grad = None
         loss = forward_step(path, *args)
-        _sync(device)
+        synchronize()
         return (loss,), {}
 
     def run(loss):
         loss.backward()
-        _sync(device)
+        synchronize()
 
     checked(path, head_name, device)
     benchmark.pedantic(run, setup=make_loss, rounds=ROUNDS[head_name], iterations=1, warmup_rounds=1)
@@ -165,7 +160,7 @@ def test_full(benchmark, path, head_name, device):
 
     def run():
         full_step(path, *args)
-        _sync(device)
+        synchronize()
 
     checked(path, head_name, device)
     benchmark.extra_info["peak_mb"] = peak_memory_bytes(run, torch.device(device)) / 2**20

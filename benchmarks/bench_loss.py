@@ -43,7 +43,11 @@ def fused_loss(grad, act, offsets, num_sub):
 
 def vectorized_loss(grad, act, offsets, num_sub, eps=1e-8):
     """SPEC §7 vectorised autograd path: packed rows, cosine_similarity, dense pairwise hinge."""
-    G = grad * act
+    return vectorized_hinge(grad * act, offsets, num_sub, eps)
+
+
+def vectorized_hinge(G, offsets, num_sub, eps=1e-8):
+    """The contrastive loss of packed Grad-CAM vectors ``G [T, D]`` in plain autograd."""
     start, sizes = offsets[:-1], offsets[1:] - offsets[:-1]
     num_groups, num_rows = sizes.numel(), G.shape[0]
     gid = torch.repeat_interleave(torch.arange(num_groups, device=G.device), sizes,
