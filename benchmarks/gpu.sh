@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check in one call (at most eight minutes on one H200): build the extension, run the
-# CUDA correctness tests of the kernels, run every benchmark suite on CUDA, print a table last.
+# CUDA correctness tests of the kernels, run every benchmark suite on CUDA, train 30 steps on
+# CUDA, print a table last.
 #   bash benchmarks/gpu.sh            # on the GPU machine, from the repository root
 # Results (JSON, Markdown, logs) go to $OUT (default benchmarks/gpu-out).
 set -euo pipefail
@@ -21,11 +22,15 @@ python3 -m pytest -q -x tests/test_contrastive_loss.py tests/test_sort_loss.py \
 
 # one JSON per suite, so a suite cut short by its time limit does not lose the others
 # (bench_ranking measures CPU code and is left to the CPU runs)
-for suite in loss:150 gradcam:120 step:150; do
+for suite in loss:150 gradcam:110 step:120; do
     name=${suite%%:*}
     timeout "${suite##*:}" python3 -m pytest "benchmarks/bench_$name.py" --benchmark-only -q \
         --benchmark-json "$OUT/$name.json" > "$OUT/$name.log" 2>&1 || echo "bench_$name: exit $?"
 done
+# the trainer's CUDA path end to end (fused Grad-CAM and loss kernels, 30 steps, evaluation)
+timeout 60 python3 -m sort_fast.train --device cuda --max-steps 30 --eval-every 0 --overwrite \
+    --out "$OUT/train-cuda" > "$OUT/train-cuda.log" 2>&1 || echo "train on cuda: exit $?"
+tail -3 "$OUT/train-cuda.log"
 for name in loss gradcam step; do
     if [ -s "$OUT/$name.json" ]; then python3 benchmarks/summarize.py "$OUT/$name.json"; fi
 done | tee "$OUT/summary.md"
