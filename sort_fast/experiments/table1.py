@@ -226,6 +226,12 @@ def _scale(key: str) -> float:
     return 1.0 if key == "grounding" else 100.0
 
 
+def _number(key: str, value: float, sign: str = "") -> str:
+    """``value`` of metric ``key`` as the tables print it: percentages with 2 decimals,
+    Spearman's rho with 3; ``sign="+"`` prints the sign of a difference."""
+    return f"{value * _scale(key):{sign}.{2 if _scale(key) != 1 else 3}f}"
+
+
 def markdown(results: Dict[str, Any]) -> str:
     """Table 1 as mean ± std over seeds beside the paper's numbers, then each row's paired
     difference from the baseline (same seed, same plain model) with its sign count."""
@@ -236,14 +242,10 @@ def markdown(results: Dict[str, Any]) -> str:
         cells = []
         for key, *_ in METRICS:
             m, s = _mean_std([r[key] for r in per_seed])
-            k = _scale(key)
-            cells.append("–" if m != m else (f"{m * k:.2f} ± {s * k:.2f}" if k != 1 else
-                                              f"{m:.3f} ± {s:.3f}"))
+            cells.append("–" if m != m else f"{_number(key, m)} ± {_number(key, s)}")
         lines.append(f"| {ROW_NAMES[row]} | " + " | ".join(cells) + " |")
     for row, paper in PAPER.items():
-        cells = ["–" if paper[key] is None else
-                 (f"{paper[key] * 100:.2f}" if _scale(key) != 1 else f"{paper[key]:.3f}")
-                 for key, *_ in METRICS]
+        cells = ["–" if paper[key] is None else _number(key, paper[key]) for key, *_ in METRICS]
         lines.append(f"| *paper: {METHOD_NAMES[METHODS[row]]}* | " + " | ".join(cells) + " |")
     base = results["methods"]["baseline"]
     lines += ["", f"Paired difference from the baseline, mean ± std over {len(base)} seeds "
@@ -259,9 +261,7 @@ def markdown(results: Dict[str, Any]) -> str:
             d = [x - y for x, y in pairs]
             m, s = _mean_std(d)
             better = sum((x > 0) if up else (x < 0) for x in d)
-            k = _scale(key)
-            cells.append(f"{m * k:+.2f} ± {s * k:.2f} ({better}/{len(d)})" if k != 1 else
-                         f"{m:+.3f} ± {s:.3f} ({better}/{len(d)})")
+            cells.append(f"{_number(key, m, '+')} ± {_number(key, s)} ({better}/{len(d)})")
         lines.append(f"| {ROW_NAMES[row]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -310,8 +310,9 @@ def plot(results: Dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _check_protocol(args: argparse.Namespace, root: Path) -> None:
-    """Refuses to continue an ``--out`` started with another protocol (its runs would mix)."""
+def _check_protocol(args: argparse.Namespace, root: Path) -> Dict[str, Any]:
+    """Refuses to continue an ``--out`` started with another protocol (its runs would mix);
+    returns the protocol (the values of the protocol flags), stored in ``OUT/protocol.json``."""
     config = {name: getattr(args, name) for name in _PROTOCOL_FLAGS}
     stored_path = root / "protocol.json"
     if stored_path.exists() and not args.overwrite:
@@ -325,6 +326,7 @@ def _check_protocol(args: argparse.Namespace, root: Path) -> None:
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     atomic_write(stored_path, lambda f: f.write(json.dumps(config, indent=2).encode()))
+    return config
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
@@ -332,7 +334,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if args.tune_seeds > args.seeds:
         raise CLIError(f"--tune-seeds {args.tune_seeds} exceeds --seeds {args.seeds}")
     root = Path(args.out)
-    _check_protocol(args, root)
+    protocol = _check_protocol(args, root)
     plan = Plan(args)
     workers = args.jobs
 
@@ -370,7 +372,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         "split": "test",
         "units": "fractions (the paper prints percentages; WPR x100); grounding is Spearman's "
                  "rho against the synthetic grounding truth (the paper: against VQA-HAT)",
-        "protocol": {name: getattr(args, name) for name in _PROTOCOL_FLAGS},
+        "protocol": protocol,
         "lambdas": chosen,
         "tuning": tuning,
         "paper": PAPER,
