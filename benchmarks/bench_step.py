@@ -177,9 +177,12 @@ def original_loss(model, setup_: Setup) -> torch.Tensor:
     return hinge.mean() + sum(lam * b for lam, b in zip(LAMBDAS, bce))
 
 
-def vectorized_parts(model, batch: PackedBatch, share_questions: bool):
-    """``(grad, joint, contrastive, total)`` of the SPEC §7 vectorised autograd path."""
-    out = model(batch, share_questions=share_questions)
+def vectorized_parts(model, s: Setup, path: str):
+    """``(grad, joint, contrastive, total)`` of the SPEC §7 vectorised autograd path: on
+    per-row inputs (``path="vectorized"``) or on shared ones (``"vectorized_shared"``)."""
+    shared = path == "vectorized_shared"
+    batch = s.batch if shared else s.per_row
+    out = model(batch, share_questions=shared)
     y = out.scores.gather(1, batch.classes[:, None]).sum()
     (grad,) = torch.autograd.grad(y, out.joint, create_graph=True)
     contrastive = vectorized_loss(grad, out.joint, batch.offsets, batch.num_sub)
@@ -208,8 +211,8 @@ def fused_parts(model, batch: PackedBatch, sort_loss, mark: Callable[[], None] =
 
 LOSSES: Dict[str, Callable[[PythiaVQA, Setup], torch.Tensor]] = {
     "original": original_loss,
-    "vectorized": lambda model, s: vectorized_parts(model, s.per_row, False)[3],
-    "vectorized_shared": lambda model, s: vectorized_parts(model, s.batch, True)[3],
+    "vectorized": lambda model, s: vectorized_parts(model, s, "vectorized")[3],
+    "vectorized_shared": lambda model, s: vectorized_parts(model, s, "vectorized_shared")[3],
     "fused": lambda model, s: make_objective()(model, s.batch)[0],
 }
 
@@ -230,9 +233,7 @@ def _check_terms(path: str, model: PythiaVQA, s: Setup):
         per_group = per_group.index_add(0, s.triple_group, hinge) / pairs.clamp_min(1)
         return per_group, per_group[pairs > 0].mean(), None
     if path.startswith("vectorized"):
-        shared = path == "vectorized_shared"
-        grad, joint, contrastive, total = vectorized_parts(model, batch if shared else s.per_row,
-                                                           shared)
+        grad, joint, contrastive, total = vectorized_parts(model, s, path)
     else:
         grad, joint, parts = fused_parts(model, batch, make_objective().sort_loss)
         contrastive, total = parts.contrastive, parts.total
