@@ -168,8 +168,9 @@ class SyntheticIntrospect(Sequence[Group]):
     ``split="train"``, ``"val"`` and ``"test"`` draw disjoint images (val image ids start at
     1,000,000, test at 2,000,000) from the same world (prototype vectors fixed by ``seed``);
     ``test`` is a held-out split for reporting results tuned on ``val``. ``num_groups``
-    defaults to 3000 (train) / 1000 (val, test). Region features are ``[R, feature_dim]`` with ``R`` in 6..17; ``noise`` is the
-    per-dimension standard deviation of the Gaussian noise added to every region.
+    defaults to 3000 (train) / 1000 (val, test). Region features are ``[R, feature_dim]`` with
+    ``R`` in 6..17; ``noise`` is the per-dimension standard deviation of the Gaussian noise
+    added to every region.
     Attributes: ``vocab`` (questions), ``answer_vocab``, ``templates`` (template name per group).
     """
 
