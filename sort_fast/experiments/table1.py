@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from ..training.checkpoint import atomic_write
 from ..training.config import (METHOD_NAMES, CLIError, OneLineParser, build_train_parser,
                                non_negative_float, positive_float, positive_int, run_command)
+from ..training.evaluation import COLUMNS, format_metric
 
 __all__ = ["main", "build_parser", "run_tag", "val_score", "markdown", "plot", "PAPER",
            "METHODS", "METRICS"]
@@ -50,21 +51,12 @@ METHODS = {"baseline": "bce", "squint": "squint", "sort_sq": "sort-sq", "sort": 
 ROW_NAMES = {"pretrained": "Pythia (plain model, not fine-tuned)",
              "baseline": "Pythia (BCE fine-tuned as long)", "squint": "Pythia + SQuINT",
              "sort_sq": "Pythia + SOrT (only SQ)", "sort": "Pythia + SOrT (SQ + IQ)"}
-# (key in table1.json, key in metrics.json, header, higher is better)
-METRICS = (
-    ("r_right_s_right", "r_right_s_right", "R✓S✓", True),
-    ("r_right_s_wrong", "r_right_s_wrong", "R✓S✗", False),
-    ("r_wrong_s_right", "r_wrong_s_right", "R✗S✓", False),
-    ("r_wrong_s_wrong", "r_wrong_s_wrong", "R✗S✗", False),
-    ("consistency", "consistency", "Consistency%", True),
-    ("reasoning_accuracy", "reasoning_accuracy", "Reas. Acc.%", True),
-    ("vqa_accuracy", "vqa_accuracy", "VQA Acc.%", True),
-    ("mp1", "mp1", "MP@1", True),
-    ("ranking_accuracy", "ranking_accuracy", "Rank. Acc.", True),
-    ("mrr", "mrr", "MRR", True),
-    ("wpr", "wpr", "WPR", False),
-    ("grounding", "grounding_spearman", "Grounding ρ", True),
-)
+# Table 1's columns as the evaluator prints them: (key in table1.json, key in metrics.json,
+# header with its arrow, scale, higher is better)
+METRICS = tuple(("grounding" if key == "grounding_spearman" else key, key,
+                 f"{header} {arrow}", scale, arrow == "↑")
+                for header, key, scale, arrow in COLUMNS)
+_SCALE = {key: scale for key, _, _, scale, _ in METRICS}
 # Table 1 of the paper (fractions; it prints percentages) and the VQA-HAT grounding of §4.2
 # (Spearman's rho; not reported for SOrT with only sub-questions)
 _PAPER_ROWS = {
@@ -76,7 +68,7 @@ _PAPER_ROWS = {
                 None),
     "sort": (54.62, 15.09, 20.31, 9.97, 78.35, 74.18, 64.07, 61.73, 31.90, 74.43, 40.03, 0.103),
 }
-PAPER = {row: {key: (v if key == "grounding" or v is None else round(v / 100, 6))
+PAPER = {row: {key: None if v is None else round(v / _SCALE[key], 6)
                for (key, *_), v in zip(METRICS, values)}
          for row, values in _PAPER_ROWS.items()}
 # flags that must not change between an interrupted invocation and its continuation
@@ -222,20 +214,14 @@ def _mean_std(values: Sequence[Optional[float]]) -> Tuple[float, float]:
     return float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else 0.0
 
 
-def _scale(key: str) -> float:
-    return 1.0 if key == "grounding" else 100.0
-
-
 def _number(key: str, value: float, sign: str = "") -> str:
-    """``value`` of metric ``key`` as the tables print it: percentages with 2 decimals,
-    Spearman's rho with 3; ``sign="+"`` prints the sign of a difference."""
-    return f"{value * _scale(key):{sign}.{2 if _scale(key) != 1 else 3}f}"
+    return format_metric(value, _SCALE[key], sign)
 
 
 def markdown(results: Dict[str, Any]) -> str:
     """Table 1 as mean ± std over seeds beside the paper's numbers, then each row's paired
     difference from the baseline (same seed, same plain model) with its sign count."""
-    headers = [h + (" ↑" if up else " ↓") for _, _, h, up in METRICS]
+    headers = [header for _, _, header, _, _ in METRICS]
     lines = ["| Method | " + " | ".join(headers) + " |", "|---|" + "---:|" * len(METRICS)]
     rows = {"pretrained": results["pretrained"], **results["methods"]}
     for row, per_seed in rows.items():
@@ -255,7 +241,7 @@ def markdown(results: Dict[str, Any]) -> str:
         if row == "baseline":
             continue
         cells = []
-        for key, _, _, up in METRICS:
+        for key, _, _, _, up in METRICS:
             pairs = [(r[key], b[key]) for r, b in zip(per_seed, base)
                      if r[key] is not None and b[key] is not None]
             d = [x - y for x, y in pairs]
@@ -276,13 +262,13 @@ def plot(results: Dict[str, Any], path: Path) -> None:
 
     keys = ("consistency", "reasoning_accuracy", "vqa_accuracy", "mp1", "ranking_accuracy",
             "mrr", "wpr", "grounding")
-    titles = {key: h + (" ↑" if up else " ↓") for key, _, h, up in METRICS}
+    titles = {key: header for key, _, header, _, _ in METRICS}
     rows = {"pretrained": results["pretrained"], **results["methods"]}
     colours = ["tab:gray", "tab:purple", "tab:blue", "tab:orange", "tab:green"]
     fig, axes = plt.subplots(2, 4, figsize=(15, 6.5))
     x = np.arange(len(rows))
     for ax, key in zip(axes.ravel(), keys):
-        k = _scale(key)
+        k = _SCALE[key]
         for i, (row, per_seed) in enumerate(rows.items()):
             values = np.array([r[key] for r in per_seed if r[key] is not None]) * k
             m, s = _mean_std(list(values))

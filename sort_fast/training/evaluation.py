@@ -25,7 +25,8 @@ from .checkpoint import atomic_write
 from .config import CLIError
 from .objective import gradcam_gradient
 
-__all__ = ["Example", "EvalResult", "evaluate", "load_hat", "format_table", "write_report"]
+__all__ = ["Example", "EvalResult", "evaluate", "load_hat", "format_metric", "format_table",
+           "write_report"]
 
 HAT_SIZE = 14
 
@@ -183,6 +184,12 @@ COLUMNS = (
 )
 
 
+def format_metric(value: float, scale: float, sign: str = "") -> str:
+    """One cell of Table 1: a fraction as a percentage (``scale`` 100) with 2 decimals, an
+    unscaled value (grounding's rho) with 3; ``sign="+"`` prints the sign of a difference."""
+    return f"{value * scale:{sign}.2f}" if scale != 1 else f"{value:{sign}.3f}"
+
+
 def format_table(metrics: Mapping[str, Any], method: str) -> str:
     """A Markdown table in the layout of the paper's Table 1 (fractions as percentages, WPR
     ×100 as in the paper; grounding as Spearman's rho)."""
@@ -191,8 +198,7 @@ def format_table(metrics: Mapping[str, Any], method: str) -> str:
     cells = []
     for _, key, scale, _ in COLUMNS:
         value = metrics.get(key)
-        cells.append("–" if value is None else
-                     (f"{value * scale:.2f}" if scale != 1 else f"{value:.3f}"))
+        cells.append("–" if value is None else format_metric(value, scale))
     return "\n".join([header, rule, f"| {method} | " + " | ".join(cells) + " |"])
 
 
