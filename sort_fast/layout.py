@@ -1,4 +1,4 @@
-"""The packed group layout shared by kernels, losses, the trainer and metrics (SPEC §2).
+"""The packed group layout shared by kernels, losses, the trainer and metrics (docs/ops.md).
 
 All questions of a batch are rows of one ``[T, D]`` matrix. Group ``g`` owns rows
 ``offsets[g]:offsets[g+1]``: first its reasoning question, then ``num_sub[g]`` sub-questions,
@@ -6,14 +6,50 @@ then its irrelevant questions.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["Layout", "check_layout", "group_ids", "row_roles", "candidate_layout"]
+__all__ = ["Layout", "check_layout", "validate_layout", "group_ids", "row_roles",
+           "candidate_layout", "remember", "recall"]
 
 ROLE_REASONING, ROLE_SUB, ROLE_IRRELEVANT = 0, 1, 2
+
+
+# Host-side facts of tensors checked earlier (a validated layout, a class range), so that a batch
+# validated once where it is built (on the CPU) is not validated again, with a device sync,
+# on the training step's hot path (docs/ops.md, "Validation without host syncs").
+_facts: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
+
+
+def _version(t: torch.Tensor) -> Optional[int]:
+    return None if t.is_inference() else t._version
+
+
+def remember(t: torch.Tensor, name: str, fact: Any, *companions: torch.Tensor) -> None:
+    """Records ``fact`` about ``t`` (and the ``companions`` it was checked with); it stays valid
+    while none of these tensors is replaced or modified in place."""
+    if _version(t) is None or any(_version(c) is None for c in companions):
+        return
+    deps = [(weakref.ref(c), c._version) for c in companions]
+    _facts.setdefault(t, {})[name] = (t._version, deps, fact)
+
+
+def recall(t: torch.Tensor, name: str, *companions: torch.Tensor) -> Any:
+    """The fact :func:`remember` recorded about ``t`` with the same ``companions``, or None."""
+    entry: Optional[Dict[str, Any]] = _facts.get(t)
+    if entry is None or name not in entry:
+        return None
+    version, deps, fact = entry[name]
+    if version != _version(t) or len(deps) != len(companions):
+        return None
+    for (ref, dep_version), c in zip(deps, companions):
+        if ref() is not c or dep_version != _version(c):
+            return None
+    return fact
 
 
 def _first(mask: torch.Tensor) -> int:
@@ -36,7 +72,8 @@ def check_layout(
     num_rows: Optional[int],
     device: Optional[torch.device] = None,
 ) -> Layout:
-    """Validates a packed layout (SPEC §2) with a single device-to-host copy.
+    """Validates a packed layout (docs/ops.md) with a single device-to-host copy, or none
+    when these very tensors were validated before and not modified since.
 
     Raises ``TypeError`` when ``offsets``/``num_sub`` are not tensors and ``ValueError`` naming
     the first offending group for a wrong dtype, shape, device, non-monotone offsets, a row count
@@ -53,6 +90,26 @@ def check_layout(
         )
     if device is not None and offsets.device != device:
         raise ValueError(f"offsets is on {offsets.device} but the data is on {device}")
+    companions = () if num_sub is None else (num_sub,)
+    known = recall(offsets, "layout", *companions)
+    if known is not None and (num_rows is None or known[0] == num_rows):
+        return known[1]
+    layout = _check_layout_values(offsets, num_sub, num_rows)
+    remember(offsets, "layout", (int(offsets[-1]) if num_rows is None else num_rows, layout),
+             *companions)
+    return layout
+
+
+def validate_layout(offsets: torch.Tensor, num_sub: Optional[torch.Tensor], num_rows: int,
+                    device: Optional[torch.device] = None) -> None:
+    """:func:`check_layout` outside ``torch.compile``; inside a compiled region the values are
+    not looked at (that would need a host sync and break the graph)."""
+    if not torch.compiler.is_compiling():
+        check_layout(offsets, num_sub, num_rows, device)
+
+
+def _check_layout_values(offsets: torch.Tensor, num_sub: Optional[torch.Tensor],
+                         num_rows: Optional[int]) -> Layout:
     sizes = offsets[1:] - offsets[:-1]
     stats = [offsets[0], offsets[-1], sizes.min(), sizes.max()]
     if num_sub is not None:
@@ -104,24 +161,24 @@ def group_ids(sizes: torch.Tensor, num_rows: int) -> torch.Tensor:
 
 
 def row_roles(offsets: torch.Tensor, num_sub: torch.Tensor, sizes: torch.Tensor,
-              gid: Optional[torch.Tensor] = None) -> torch.Tensor:
+              gid: Optional[torch.Tensor] = None, num_rows: Optional[int] = None) -> torch.Tensor:
     """Role of every row, ``[T]`` int64: 0 reasoning, 1 sub-question, 2 irrelevant.
-    ``gid``: the rows' group ids (:func:`group_ids`), when the caller has them already."""
-    num_rows = int(offsets[-1])
+    ``gid``: the rows' group ids (:func:`group_ids`), when the caller has them already;
+    ``num_rows``: ``T`` when the caller knows it (else read from ``offsets``: a host sync)."""
+    if num_rows is None:
+        num_rows = gid.numel() if gid is not None else int(offsets[-1])
     if gid is None:
         gid = group_ids(sizes, num_rows)
     pos = torch.arange(num_rows, device=offsets.device) - offsets[:-1][gid]
-    roles = torch.full_like(pos, ROLE_IRRELEVANT)
-    roles[pos <= num_sub[gid]] = ROLE_SUB
-    roles[pos == 0] = ROLE_REASONING
-    return roles
+    roles = torch.where(pos <= num_sub[gid], ROLE_SUB, ROLE_IRRELEVANT)
+    return torch.where(pos == 0, ROLE_REASONING, roles)
 
 
 def candidate_layout(
     offsets: torch.Tensor, num_sub: torch.Tensor, num_rows: Optional[int] = None
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Candidate view of a validated packed layout (``num_rows`` as in :func:`check_layout`)
-    for the ranking metrics (SPEC §2).
+    for the ranking metrics (docs/ops.md).
 
     Returns ``(rows [C], relevant [C] bool, candidate_offsets [N+1])``: the packed row of every
     candidate (all rows but the reasoning rows), whether it is a sub-question, and the

@@ -32,7 +32,7 @@ def reference_loss(grad, act, offsets, num_sub, margin=0.0, mode="contrastive",
             losses.append((1 - s).mean())
             counted += 1
         elif i.numel() == 0:
-            losses.append(G.sum() * 0)
+            losses.append(torch.zeros((), dtype=G.dtype))  # uses no vector: never NaN
         else:
             losses.append(F.relu(margin + i[None, :] - s[:, None]).mean())
             counted += 1
@@ -95,6 +95,8 @@ def assert_close_all(got, want, rtol, atol):
 
 
 BACKENDS = ["torch", "triton"]
+# float64 inputs: both backends accumulate in float64
+FLOAT64 = dict(rtol=1e-10, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- values and grads
@@ -108,8 +110,7 @@ def test_loss_matches_reference(backend, mode, reduction, margin):
     got = run(contrastive_gradient_loss, grad, act, offsets, num_sub, backend=backend, **kw)
     want = run(reference_loss, grad, act, offsets, num_sub, **kw)
     # triton accumulates in float32 whatever the input dtype
-    tol = dict(rtol=1e-10, atol=1e-12) if backend == "torch" else dict(rtol=2e-5, atol=1e-6)
-    assert_close_all(got, want, **tol)
+    assert_close_all(got, want, **FLOAT64)
     assert got[0].abs().sum() > 0 and got[1].abs().sum() > 0  # the case is not degenerate
 
 
@@ -118,9 +119,8 @@ def test_similarity_matches_reference(backend):
     grad, act, offsets, _ = make_inputs(*RAGGED, dim=23, seed=3)
     got = run(gradcam_similarity, grad, act, offsets, backend=backend)
     want = run(reference_similarity, grad, act, offsets)
-    tol = dict(rtol=1e-10, atol=1e-12) if backend == "torch" else dict(rtol=2e-5, atol=1e-6)
-    assert_close_all(got, want, **tol)
-    # and SPEC §1 means torch.nn.functional.cosine_similarity semantics
+    assert_close_all(got, want, **FLOAT64)
+    # and the cosine has torch.nn.functional.cosine_similarity semantics
     G = grad * act
     first = F.cosine_similarity(G[1:4], G[0:1], dim=1, eps=EPS)
     torch.testing.assert_close(got[0][1:4].double(), first, rtol=2e-5, atol=1e-6)
@@ -139,8 +139,7 @@ def test_random_ragged_layouts(backend, seed):
     got = run(contrastive_gradient_loss, grad, act, offsets, num_sub, margin=margin,
               backend=backend)
     want = run(reference_loss, grad, act, offsets, num_sub, margin=margin)
-    tol = dict(rtol=1e-10, atol=1e-12) if backend == "torch" else dict(rtol=2e-5, atol=1e-6)
-    assert_close_all(got, want, **tol)
+    assert_close_all(got, want, **FLOAT64)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -152,8 +151,7 @@ def test_zero_gradcam_vectors(backend):
         got = run(fn, grad, act, *args, backend=backend)
         want = run(ref, grad, act, *args)
         assert all(torch.isfinite(t).all() for t in got)
-        tol = dict(rtol=1e-10, atol=1e-12) if backend == "torch" else dict(rtol=2e-5, atol=1e-6)
-        assert_close_all(got, want, **tol)
+        assert_close_all(got, want, **FLOAT64)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -165,19 +163,79 @@ def test_no_counted_group_gives_zero_mean(backend):
     assert torch.count_nonzero(dgrad) == 0 and torch.count_nonzero(dact) == 0
 
 
-def test_multi_tile_groups_in_the_kernel(monkeypatch):
-    """Groups larger than one row tile and D larger than one column tile loop in the kernels."""
-    monkeypatch.setattr(contrastive_loss_kernels, "MAX_BLOCK_Q", 4)
-    monkeypatch.setattr(contrastive_loss_kernels, "TILE_ELEMENTS", 64)
-    assert contrastive_loss_kernels._launch_config(13, 70)[:2] == (4, 32)
-    grad, act, offsets, num_sub = make_inputs([13, 5, 11], [3, 1, 9], dim=70, seed=5)
+@pytest.mark.parametrize("dim", [70, 3, 16])
+def test_multi_tile_groups_in_the_kernel(monkeypatch, dim):
+    """Groups larger than one row tile, several column chunks with a ragged tail (70 = 4 x 16
+    + 6), a width below the vector width (3) and exactly one chunk (16)."""
+    monkeypatch.setattr(contrastive_loss_kernels, "BLOCK_Q", 4)
+    monkeypatch.setattr(contrastive_loss_kernels, "MAX_BLOCK_D", 16)
+    cfg = contrastive_loss_kernels.launch_config(dim, torch.float32)
+    assert (cfg["BLOCK_Q"], cfg["BLOCK_D"], cfg["N_CHUNKS"]) == (4, 16, -(-dim // 16))
+    grad, act, offsets, num_sub = make_inputs([13, 2, 5, 11], [3, 1, 1, 9], dim=dim, seed=5)
     for mode in ("contrastive", "sq_only"):
         got = run(contrastive_gradient_loss, grad, act, offsets, num_sub, margin=0.1, mode=mode,
                   backend="triton")
         want = run(reference_loss, grad, act, offsets, num_sub, margin=0.1, mode=mode)
-        assert_close_all(got, want, rtol=2e-5, atol=1e-6)
+        assert_close_all(got, want, **FLOAT64)
     got = run(gradcam_similarity, grad, act, offsets, backend="triton")
-    assert_close_all(got, run(reference_similarity, grad, act, offsets), rtol=2e-5, atol=1e-6)
+    assert_close_all(got, run(reference_similarity, grad, act, offsets), **FLOAT64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_group(backend):
+    grad, act, offsets, num_sub = make_inputs([7], [2], dim=21, seed=8)
+    got = run(contrastive_gradient_loss, grad, act, offsets, num_sub, backend=backend, margin=0.2)
+    assert_close_all(got, run(reference_loss, grad, act, offsets, num_sub, margin=0.2), **FLOAT64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_results_are_bitwise_repeatable(backend):
+    """Fixed-order sums, no atomics: two runs give identical bits."""
+    grad, act, offsets, num_sub = make_inputs(*RAGGED, dim=300, dtype=torch.float32, seed=9)
+    first = run(contrastive_gradient_loss, grad, act, offsets, num_sub, backend=backend)
+    second = run(contrastive_gradient_loss, grad, act, offsets, num_sub, backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("row", [0, 1, 3])  # group 0: its reasoning row, a sub-question, an irrelevant one
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_input_gives_non_finite_loss(backend, row, value):
+    """A NaN or inf in a Grad-CAM vector that a group's loss uses makes that loss NaN, as in
+    plain PyTorch (the hinge never masks it); the other groups keep their values."""
+    grad, act, offsets, num_sub = make_inputs(*RAGGED, dim=7, seed=12)
+    grad[row, 0] = value
+    got = run(contrastive_gradient_loss, grad, act, offsets, num_sub, backend=backend,
+              reduction="none")[0]
+    want = reference_loss(grad, act, offsets, num_sub, reduction="none")
+    assert torch.isnan(want[0]) and torch.isnan(got[0])
+    torch.testing.assert_close(got[1:].double(), want[1:], **FLOAT64)
+    for reduction in ("mean", "sum"):
+        loss = contrastive_gradient_loss(grad.to(TRITON_DEVICE if backend == "triton" else "cpu"),
+                                         act.to(TRITON_DEVICE if backend == "triton" else "cpu"),
+                                         offsets.to(TRITON_DEVICE if backend == "triton" else "cpu"),
+                                         num_sub.to(TRITON_DEVICE if backend == "triton" else "cpu"),
+                                         reduction=reduction, backend=backend)
+        assert torch.isnan(loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_layout_tensors(backend):
+    """Strided ``offsets``/``num_sub`` views are read by value, not as raw memory."""
+    grad, act, offsets, num_sub = make_inputs(*RAGGED, dim=9, seed=13)
+    spread_offsets = torch.stack([offsets, torch.full_like(offsets, 99)], 1).flatten()[::2]
+    spread_sub = torch.stack([num_sub, torch.full_like(num_sub, 99)], 1).flatten()[::2]
+    assert not spread_offsets.is_contiguous() and torch.equal(spread_offsets, offsets)
+    got = run(contrastive_gradient_loss, grad, act, spread_offsets, spread_sub, backend=backend,
+              reduction="none")
+    assert_close_all(got, run(reference_loss, grad, act, offsets, num_sub, reduction="none"),
+                     **FLOAT64)
+    expanded = torch.tensor([1]).expand(2)
+    offsets2 = torch.tensor([0, 3, 6])
+    got = run(contrastive_gradient_loss, grad[:6], act[:6], offsets2, expanded, backend=backend,
+              reduction="none")
+    want = run(reference_loss, grad[:6], act[:6], offsets2, torch.tensor([1, 1]), reduction="none")
+    assert_close_all(got, want, **FLOAT64)
 
 
 # Low precision: inputs are rounded to the dtype, the reference sees the same rounded values in

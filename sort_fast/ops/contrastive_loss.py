@@ -1,11 +1,19 @@
 """Grad-CAM cosine similarity and the contrastive gradient loss over packed groups.
 
-SPEC §1 (Grad-CAM vector ``G = grad * act`` and cosine), §2 (packed layout), §3 (loss and its
-gradients). Two backends compute the same math with hand-written backward passes:
+docs/math.md (Grad-CAM vector ``G = grad * act``, cosine, loss and gradients) and docs/ops.md
+(packed layout, the ops). Three ``torch.library`` custom ops in the ``sort_fast`` namespace,
+each with a fake (meta) implementation, so ``torch.compile(fullgraph=True)`` traces them:
 
-- ``"triton"``: fused kernels (:mod:`sort_fast.ops.contrastive_loss_kernels`), used on CUDA; they
-  also run on CPU tensors under ``TRITON_INTERPRET=1``.
-- ``"torch"``: vectorised PyTorch (segment reductions, no Python loop over groups) for the CPU.
+- ``sort_fast::contrastive_loss_fwd``: per-group loss, plus the per-row statistics the
+  backward needs (cosine, norm, ``dL/dc``);
+- ``sort_fast::gradcam_similarity_fwd``: the cosines (and norms);
+- ``sort_fast::gradcam_cosine_bwd``: ``dL/dgrad``, ``dL/dact`` of both (registered as their
+  autograd formula; it has no autograd of its own: the ops are differentiable once).
+
+A static ``backend`` argument picks the implementation: ``"triton"`` (fused kernels,
+:mod:`sort_fast.ops.contrastive_loss_kernels`, on CUDA, or CPU tensors under
+``TRITON_INTERPRET=1``) or ``"torch"`` (vectorised PyTorch, segment reductions, no Python loop
+over groups).
 """
 from __future__ import annotations
 
@@ -13,29 +21,31 @@ import math
 import os
 import warnings
 from types import ModuleType
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 # The CPU backend's segment sums use sparse CSR products; their beta notice is not for users.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
-from ..layout import ROLE_SUB, Layout, check_layout, group_ids, row_roles
+from ..layout import ROLE_SUB, group_ids, row_roles, validate_layout
 from . import triton_available
 
 __all__ = [
     "contrastive_gradient_loss",
     "gradcam_similarity",
     "ContrastiveGradientLoss",
-    "GradCAMSimilarityFunction",
-    "ContrastiveGradientLossFunction",
 ]
 
 MODES = ("contrastive", "sq_only")
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "torch")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float64 when any input is float64, else float32 (both backends)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 # ----------------------------------------------------------------------------- torch backend
@@ -48,11 +58,11 @@ class _TorchBackend:
 
     @staticmethod
     def _gradcam(grad: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-        acc = torch.float64 if torch.float64 in (grad.dtype, act.dtype) else torch.float32
+        acc = accumulation_dtype(grad.dtype, act.dtype)
         return grad.to(acc) * act.to(acc)
 
     @staticmethod
-    def forward(grad, act, offsets, num_sub, max_group, margin, eps, contrastive):
+    def forward(grad, act, offsets, num_sub, margin, eps, contrastive):
         G = _TorchBackend._gradcam(grad, act)
         num_rows = G.shape[0]
         start = offsets[:-1]
@@ -68,7 +78,7 @@ class _TorchBackend:
         return cos, norm, weight, loss
 
     @staticmethod
-    def backward(grad, act, offsets, max_group, cos, norm, row_weight, group_scale, eps):
+    def backward(grad, act, offsets, cos, norm, row_weight, group_scale, eps):
         G = _TorchBackend._gradcam(grad, act)
         num_rows = G.shape[0]
         start = offsets[:-1]
@@ -80,7 +90,7 @@ class _TorchBackend:
         n_den = norm.clamp_min(eps)
         r_norm = norm[start]
         r_den = r_norm.clamp_min(eps)
-        # SPEC §3 gradients; the norm terms vanish where a norm is clamped to eps.
+        # docs/math.md gradients; the norm terms vanish where a norm is clamped to eps.
         a = w / (r_den[gid] * n_den)
         b = torch.where(norm >= eps, w * cos / n_den.square(), torch.zeros_like(w))
         beta = torch.zeros_like(r_norm).index_add_(0, gid, w * cos)
@@ -97,7 +107,8 @@ class _TorchBackend:
 
 
 def _hinge(cos, offsets, sizes, num_sub, gid, margin, contrastive):
-    """Per-row weights ``dL_g/dc [T]`` and per-group losses ``[N]`` from the cosines (SPEC §3)."""
+    """Per-row weights ``dL_g/dc [T]`` and per-group losses ``[N]`` from the cosines
+    (docs/math.md). A NaN cosine makes its group's loss NaN: the hinge never masks it."""
     start = offsets[:-1]
     num_irr = sizes - 1 - num_sub
     weight = torch.zeros_like(cos)
@@ -119,7 +130,7 @@ def _hinge(cos, offsets, sizes, num_sub, gid, margin, contrastive):
     irr_row = start[pair_group] + 1 + num_sub[pair_group] + p % m_of_pair
     h = margin + cos[irr_row] - cos[sub_row]
     on = h > 0
-    loss = torch.zeros_like(inv).index_add_(0, pair_group, torch.where(on, h, 0.0)) * inv
+    loss = torch.zeros_like(inv).index_add_(0, pair_group, h.clamp_min(0.0)) * inv
     step = on.to(cos.dtype) * inv[pair_group]
     weight.index_add_(0, sub_row, -step).index_add_(0, irr_row, step)
     return weight, loss
@@ -133,47 +144,91 @@ def _backend_module(name: str) -> ModuleType:
     return contrastive_loss_kernels
 
 
-# ----------------------------------------------------------------------------- autograd
-class GradCAMSimilarityFunction(torch.autograd.Function):
-    """``(grad [T,D], act [T,D]) -> cos [T]``: cosine of each row's Grad-CAM vector with its
-    group's reasoning row (1 for the reasoning row)."""
-
-    @staticmethod
-    def forward(ctx, grad, act, offsets, max_group, eps, backend):
-        impl = _backend_module(backend)
-        cos, norm, _, _ = impl.forward(grad, act, offsets, None, max_group, 0.0, eps, True)
-        ctx.save_for_backward(grad, act, offsets, cos, norm)
-        ctx.impl, ctx.max_group, ctx.eps = impl, max_group, eps
-        return cos
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dcos):
-        grad, act, offsets, cos, norm = ctx.saved_tensors
-        dgrad, dact = ctx.impl.backward(grad, act, offsets, ctx.max_group, cos, norm,
-                                        dcos.to(cos.dtype).contiguous(), None, ctx.eps)
-        return dgrad, dact, None, None, None, None
+# ----------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("sort_fast::contrastive_loss_fwd", mutates_args=())
+def contrastive_loss_fwd(
+    grad: torch.Tensor, act: torch.Tensor, offsets: torch.Tensor, num_sub: torch.Tensor,
+    margin: float, eps: float, contrastive: bool, backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``grad``/``act [T, D]`` contiguous -> ``(loss [N], cos [T], norm [T], dL/dc [T])`` in
+    the accumulation dtype; the layout must be valid (not checked here)."""
+    cos, norm, weight, loss = _backend_module(backend).forward(
+        grad, act, offsets, num_sub, margin, eps, contrastive)
+    return loss, cos, norm, weight
 
 
-class ContrastiveGradientLossFunction(torch.autograd.Function):
-    """``(grad [T,D], act [T,D]) -> loss [N]``: per-group contrastive gradient loss (SPEC §3)."""
+@contrastive_loss_fwd.register_fake
+def _(grad, act, offsets, num_sub, margin, eps, contrastive, backend):
+    acc = accumulation_dtype(grad.dtype, act.dtype)
+    rows = grad.new_empty(grad.shape[0], dtype=acc)
+    return num_sub.new_empty(num_sub.shape[0], dtype=acc), rows, torch.empty_like(rows), \
+        torch.empty_like(rows)
 
-    @staticmethod
-    def forward(ctx, grad, act, offsets, num_sub, max_group, margin, eps, contrastive, backend):
-        impl = _backend_module(backend)
-        cos, norm, weight, loss = impl.forward(grad, act, offsets, num_sub, max_group, margin,
-                                               eps, contrastive)
-        ctx.save_for_backward(grad, act, offsets, cos, norm, weight)
-        ctx.impl, ctx.max_group, ctx.eps = impl, max_group, eps
-        return loss
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dloss):
-        grad, act, offsets, cos, norm, weight = ctx.saved_tensors
-        dgrad, dact = ctx.impl.backward(grad, act, offsets, ctx.max_group, cos, norm, weight,
-                                        dloss.to(weight.dtype).contiguous(), ctx.eps)
-        return dgrad, dact, None, None, None, None, None, None, None
+@torch.library.custom_op("sort_fast::gradcam_similarity_fwd", mutates_args=())
+def gradcam_similarity_fwd(grad: torch.Tensor, act: torch.Tensor, offsets: torch.Tensor,
+                           eps: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``grad``/``act [T, D]`` contiguous -> ``(cos [T], norm [T])``."""
+    cos, norm, _, _ = _backend_module(backend).forward(grad, act, offsets, None, 0.0, eps, True)
+    return cos, norm
+
+
+@gradcam_similarity_fwd.register_fake
+def _(grad, act, offsets, eps, backend):
+    rows = grad.new_empty(grad.shape[0], dtype=accumulation_dtype(grad.dtype, act.dtype))
+    return rows, torch.empty_like(rows)
+
+
+@torch.library.custom_op("sort_fast::gradcam_cosine_bwd", mutates_args=())
+def gradcam_cosine_bwd(
+    grad: torch.Tensor, act: torch.Tensor, offsets: torch.Tensor, cos: torch.Tensor,
+    norm: torch.Tensor, row_weight: torch.Tensor, group_scale: Optional[torch.Tensor],
+    eps: float, backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(dL/dgrad, dL/dact)`` (``[T, D]``, dtypes of ``grad``/``act``) given
+    ``dL/dc = row_weight [T] * group_scale [N]`` (no scale: 1)."""
+    return _backend_module(backend).backward(grad, act, offsets, cos, norm, row_weight,
+                                             group_scale, eps)
+
+
+@gradcam_cosine_bwd.register_fake
+def _(grad, act, offsets, cos, norm, row_weight, group_scale, eps, backend):
+    return torch.empty_like(grad), torch.empty_like(act)
+
+
+def _loss_setup(ctx, inputs, output):
+    grad, act, offsets, _, _, eps, _, backend = inputs
+    _, cos, norm, weight = output
+    ctx.save_for_backward(grad, act, offsets, cos, norm, weight)
+    ctx.eps, ctx.backend = eps, backend
+
+
+def _loss_backward(ctx, dloss, dcos, dnorm, dweight):
+    grad, act, offsets, cos, norm, weight = ctx.saved_tensors
+    dgrad, dact = gradcam_cosine_bwd(grad, act, offsets, cos, norm, weight,
+                                     dloss.to(weight.dtype).contiguous(), ctx.eps, ctx.backend)
+    return dgrad, dact, None, None, None, None, None, None
+
+
+contrastive_loss_fwd.register_autograd(_loss_backward, setup_context=_loss_setup)
+
+
+def _similarity_setup(ctx, inputs, output):
+    grad, act, offsets, eps, backend = inputs
+    cos, norm = output
+    ctx.save_for_backward(grad, act, offsets, cos, norm)
+    ctx.eps, ctx.backend = eps, backend
+
+
+def _similarity_backward(ctx, dcos, dnorm):
+    grad, act, offsets, cos, norm = ctx.saved_tensors
+    dgrad, dact = gradcam_cosine_bwd(grad, act, offsets, cos, norm,
+                                     dcos.to(cos.dtype).contiguous(), None, ctx.eps,
+                                     ctx.backend)
+    return dgrad, dact, None, None, None
+
+
+gradcam_similarity_fwd.register_autograd(_similarity_backward, setup_context=_similarity_setup)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -207,10 +262,10 @@ def _check_pair(grad: torch.Tensor, act: torch.Tensor, eps: float, backend: str)
     return backend
 
 
-def _prepare(grad, act, offsets, num_sub, eps, backend) -> Tuple[str, Layout]:
+def _prepare(grad, act, offsets, num_sub, eps, backend) -> str:
     backend = _check_pair(grad, act, eps, backend)
-    layout = check_layout(offsets, num_sub, grad.shape[0], device=grad.device)
-    return backend, layout
+    validate_layout(offsets, num_sub, grad.shape[0], device=grad.device)
+    return backend
 
 
 # ----------------------------------------------------------------------------- functional API
@@ -226,16 +281,17 @@ def gradcam_similarity(
 
     Args:
         grad, act: ``[T, D]`` float tensors (``dy_c/dA`` and ``A``), same device.
-        offsets: ``[N+1]`` int64 group boundaries (SPEC §2).
+        offsets: ``[N+1]`` int64 group boundaries (docs/ops.md).
         eps: norm clamp, as in ``torch.nn.functional.cosine_similarity``.
         backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"`` or ``"torch"``.
 
     Returns:
         ``[T]`` float32 (float64 for float64 inputs); 1 for each reasoning row. Differentiable.
     """
-    backend, layout = _prepare(grad, act, offsets, None, eps, backend)
-    return GradCAMSimilarityFunction.apply(grad.contiguous(), act.contiguous(), offsets,
-                                           layout.max_group, float(eps), backend)
+    backend = _prepare(grad, act, offsets, None, eps, backend)
+    cos, _ = gradcam_similarity_fwd(grad.contiguous(), act.contiguous(), offsets.contiguous(),
+                                    float(eps), backend)
+    return cos
 
 
 def contrastive_gradient_loss(
@@ -250,11 +306,11 @@ def contrastive_gradient_loss(
     eps: float = 1e-8,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Contrastive gradient loss of SOrT over packed groups (SPEC §3, paper Eq. 2).
+    """Contrastive gradient loss of SOrT over packed groups (docs/math.md, paper Eq. 2).
 
     Args:
         grad, act: ``[T, D]`` float tensors; ``G = grad * act`` is the Grad-CAM vector.
-        offsets: ``[N+1]`` int64; num_sub: ``[N]`` int64 (SPEC §2).
+        offsets: ``[N+1]`` int64; num_sub: ``[N]`` int64 (docs/ops.md).
         margin: hinge margin (``"contrastive"`` mode).
         mode: ``"contrastive"``: mean over (sub, irrelevant) pairs of
             ``max(0, margin + cos_irr - cos_sub)``; groups without irrelevant questions give 0
@@ -273,19 +329,21 @@ def contrastive_gradient_loss(
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not (isinstance(margin, (int, float)) and math.isfinite(margin)):
         raise ValueError(f"margin must be a finite number, got {margin!r}")
-    backend, layout = _prepare(grad, act, offsets, num_sub, eps, backend)
+    backend = _prepare(grad, act, offsets, num_sub, eps, backend)
     contrastive = mode == "contrastive"
-    per_group = ContrastiveGradientLossFunction.apply(
-        grad.contiguous(), act.contiguous(), offsets, num_sub, layout.max_group, float(margin),
-        float(eps), contrastive, backend,
-    )
+    per_group, _, _, _ = contrastive_loss_fwd(
+        grad.contiguous(), act.contiguous(), offsets.contiguous(), num_sub.contiguous(),
+        float(margin), float(eps), contrastive, backend)
     if reduction == "none":
         return per_group
     total = per_group.sum()
     if reduction == "sum":
         return total
-    counted = layout.num_with_irrelevant if contrastive else per_group.numel()
-    return total / counted if counted else total * 0.0
+    if not contrastive:
+        return total / max(per_group.numel(), 1)
+    # counted on the device (no host sync); with no counted group every loss is 0
+    counted = (offsets[1:] - offsets[:-1] - 1 > num_sub).sum().clamp_min(1)
+    return total / counted
 
 
 class ContrastiveGradientLoss(torch.nn.Module):
