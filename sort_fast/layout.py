@@ -14,7 +14,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ["Layout", "check_layout", "validate_layout", "group_ids", "row_roles",
-           "candidate_layout", "remember", "recall"]
+           "candidate_layout", "carry_facts", "class_range", "remember", "recall"]
 
 ROLE_REASONING, ROLE_SUB, ROLE_IRRELEVANT = 0, 1, 2
 
@@ -50,6 +50,32 @@ def recall(t: torch.Tensor, name: str, *companions: torch.Tensor) -> Any:
         if ref() is not c or dep_version != _version(c):
             return None
     return fact
+
+
+def carry_facts(source: Tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                target: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+    """What was validated about ``(offsets, num_sub, classes)`` of a batch holds for a copy with
+    the same values (``target``, e.g. the batch moved to a GPU): recorded for it too."""
+    (offsets, num_sub, classes), (new_offsets, new_num_sub, new_classes) = source, target
+    known = recall(offsets, "layout", num_sub)
+    if known is not None and new_offsets is not offsets:
+        num_rows, layout = known
+        moved = Layout(layout.sizes.to(new_offsets.device), layout.max_group,
+                       layout.num_with_irrelevant)
+        remember(new_offsets, "layout", (num_rows, moved), new_num_sub)
+    known = recall(classes, "class_range")
+    if known is not None and new_classes is not classes:
+        remember(new_classes, "class_range", known)
+
+
+def class_range(classes: torch.Tensor) -> Tuple[int, int]:
+    """``(min, max)`` of an integer tensor: one host sync the first time, remembered for this
+    tensor until it is modified (a batch built on the CPU records it for free)."""
+    known = recall(classes, "class_range")
+    if known is None:
+        known = tuple(torch.stack([classes.min(), classes.max()]).tolist())
+        remember(classes, "class_range", known)
+    return known
 
 
 def _first(mask: torch.Tensor) -> int:

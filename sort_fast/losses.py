@@ -1,4 +1,4 @@
-"""The total SOrT loss (SPEC §3, paper Eq. 3) as a drop-in ``nn.Module``."""
+"""The total SOrT loss (docs/math.md, paper Eq. 3) as a drop-in ``nn.Module``."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layout import ROLE_IRRELEVANT, ROLE_REASONING, ROLE_SUB, row_roles
-from .ops.contrastive_loss import MODES, contrastive_gradient_loss
+from .ops.contrastive_loss import BACKENDS, MODES, check_number, contrastive_gradient_loss
 
 __all__ = ["SOrTLoss", "SOrTLossOutput", "role_bce"]
 
@@ -39,10 +39,10 @@ def role_bce(scores: torch.Tensor, targets: torch.Tensor, offsets: torch.Tensor,
     dtype = torch.promote_types(scores.dtype, torch.float32)  # at least float32 under autocast
     per_row = F.binary_cross_entropy_with_logits(
         scores.to(dtype), targets.to(dtype), reduction="none").sum(1)
-    roles = row_roles(offsets, num_sub, offsets[1:] - offsets[:-1])
-    sums = torch.zeros(3, dtype=per_row.dtype, device=per_row.device).index_add_(0, roles, per_row)
-    counts = torch.bincount(roles, minlength=3).clamp_min(1)
-    return sums / counts
+    roles = row_roles(offsets, num_sub, offsets[1:] - offsets[:-1], num_rows=per_row.shape[0])
+    sums = per_row.new_zeros(3).index_add_(0, roles, per_row)
+    counts = per_row.new_zeros(3).index_add_(0, roles, torch.ones_like(per_row))  # no host sync
+    return sums / counts.clamp_min(1)
 
 
 class SOrTLoss(nn.Module):
@@ -61,8 +61,11 @@ class SOrTLoss(nn.Module):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         for name, value in (("lambda_reasoning", lambda_reasoning), ("lambda_sub", lambda_sub),
                             ("lambda_irrelevant", lambda_irrelevant)):
-            if not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+            check_number(name, value, non_negative=True)
+        check_number("margin", margin)
+        check_number("eps", eps, positive=True)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.lambdas = (float(lambda_reasoning), float(lambda_sub), float(lambda_irrelevant))
         self.margin, self.mode, self.eps, self.backend = margin, mode, eps, backend
 

@@ -197,6 +197,7 @@ def test_results_are_bitwise_repeatable(backend):
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # interpreter
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("row", [0, 1, 3])  # group 0: its reasoning row, a sub-question, an irrelevant one
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])

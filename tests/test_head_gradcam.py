@@ -112,7 +112,7 @@ def test_gradcheck_function():
     classes = torch.tensor([0, 2, 2, 1, 0])
     w2 = torch.randn(a, hidden, dtype=torch.float64, requires_grad=True)
     w1 = torch.randn(hidden, d, dtype=torch.float64, requires_grad=True)
-    fn = hg._MaskedGatherMM.apply
+    fn = hg.masked_gather_mm
     assert torch.autograd.gradcheck(lambda w2, w1: fn(mask, classes, w2, w1, "torch"), (w2, w1))
 
 
@@ -122,7 +122,7 @@ def test_backward_is_once_differentiable():
     h = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     _, g = head_gradcam(head, h, torch.randint(0, 3, (5,)))
     (grad_w1,) = torch.autograd.grad(g.pow(2).sum(), head[0].weight, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
+    with pytest.raises(RuntimeError, match="no autograd formula"):
         grad_w1.sum().backward()
 
 

@@ -7,7 +7,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..layout import check_layout
+from ..layout import carry_facts, check_layout, class_range
 
 __all__ = ["Group", "PackedBatch", "collate_groups"]
 
@@ -105,13 +105,20 @@ class PackedBatch:
         return PackedBatch(**{k: fn(v) if isinstance(v, torch.Tensor) else v
                               for k, v in values.items()})
 
+    def _map_validated(self, fn) -> "PackedBatch":
+        """``_map``, keeping what was validated about the layout and classes (no new sync)."""
+        out = self._map(fn)
+        carry_facts((self.offsets, self.num_sub, self.classes),
+                    (out.offsets, out.num_sub, out.classes))
+        return out
+
     def to(self, device: Union[str, torch.device], non_blocking: bool = False) -> "PackedBatch":
         """The same batch with every tensor on ``device``."""
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+        return self._map_validated(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "PackedBatch":
         """Pinned copy (``DataLoader(pin_memory=True)`` calls this)."""
-        return self._map(lambda t: t.pin_memory())
+        return self._map_validated(lambda t: t.pin_memory())
 
 
 def collate_groups(groups: Sequence[Group]) -> PackedBatch:
@@ -180,7 +187,10 @@ def collate_groups(groups: Sequence[Group]) -> PackedBatch:
     offsets = torch.zeros(len(groups) + 1, dtype=torch.int64)
     torch.cumsum(sizes, 0, out=offsets[1:])
     num_sub = torch.tensor([g.num_sub for g in groups], dtype=torch.int64)
+    # validated here, on the CPU, once: the training step then checks without a host sync
     check_layout(offsets, num_sub, len(tokens))
+    classes = targets.argmax(1)
+    class_range(classes)
     return PackedBatch(
         question_tokens=question_tokens,
         question_lengths=lengths,
@@ -191,7 +201,7 @@ def collate_groups(groups: Sequence[Group]) -> PackedBatch:
         offsets=offsets,
         num_sub=num_sub,
         targets=targets,
-        classes=targets.argmax(1),
+        classes=classes,
         grounding=grounding,
         has_grounding=has_grounding,
         image_ids=[g.image_id for g in images],

@@ -232,6 +232,21 @@ gradcam_similarity_fwd.register_autograd(_similarity_backward, setup_context=_si
 
 
 # ----------------------------------------------------------------------------- checks
+def check_number(name: str, value: float, *, positive: bool = False,
+                 non_negative: bool = False) -> None:
+    """``value`` must be a finite real number (and > 0 or >= 0 when asked): ``ValueError``
+    naming ``name`` otherwise. Not looked at inside ``torch.compile``, where Python floats
+    become symbolic."""
+    if torch.compiler.is_compiling():
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    if non_negative and value < 0:
+        raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
+
+
 def _check_pair(grad: torch.Tensor, act: torch.Tensor, eps: float, backend: str) -> str:
     for name, t in (("grad", grad), ("act", act)):
         if not isinstance(t, torch.Tensor):
@@ -246,8 +261,7 @@ def _check_pair(grad: torch.Tensor, act: torch.Tensor, eps: float, backend: str)
         raise ValueError(f"grad is on {grad.device} but act is on {act.device}")
     if grad.shape[1] == 0:
         raise ValueError("grad and act have no columns (D = 0)")
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    check_number("eps", eps, positive=True)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -327,8 +341,7 @@ def contrastive_gradient_loss(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not (isinstance(margin, (int, float)) and math.isfinite(margin)):
-        raise ValueError(f"margin must be a finite number, got {margin!r}")
+    check_number("margin", margin)
     backend = _prepare(grad, act, offsets, num_sub, eps, backend)
     contrastive = mode == "contrastive"
     per_group, _, _, _ = contrastive_loss_fwd(

@@ -23,12 +23,13 @@ kernels on CPU tensors.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import Launch, run_launches
 
 # Rows of one tile; a group with more rows is processed in several tiles.
 BLOCK_Q = 16
@@ -234,9 +235,64 @@ def _gradcam_cosine_bwd_kernel(
     tl.store(dact_ptr + start * D + cols, (dr * rg).to(dact_ptr.dtype.element_ty), mask=col_ok)
 
 
-def _device_guard(t: torch.Tensor):
-    """Launches go to the tensors' GPU, whichever device is current."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+def forward_launches(
+    grad: torch.Tensor,
+    act: torch.Tensor,
+    offsets: torch.Tensor,
+    num_sub: Optional[torch.Tensor],
+    margin: float,
+    eps: float,
+    contrastive: bool,
+) -> Tuple[List[Launch], Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor],
+                                 Optional[torch.Tensor]]]:
+    """The kernel launches of :func:`forward` and the outputs they fill (also what the static
+    GPU check compiles, so that it checks exactly these launches)."""
+    num_rows, dim = grad.shape
+    num_groups = offsets.numel() - 1
+    acc = accumulation_dtype(grad.dtype, act.dtype)
+    cfg = launch_config(dim, grad.dtype)
+    new = dict(dtype=acc, device=grad.device)
+    dot = torch.empty(cfg["N_CHUNKS"], num_rows, **new)
+    sq = torch.empty(cfg["N_CHUNKS"], num_rows, **new)
+    cos, norm = torch.empty(num_rows, **new), torch.empty(num_rows, **new)
+    weight = torch.empty(num_rows, **new) if num_sub is not None else None
+    loss = torch.empty(num_groups, **new) if num_sub is not None else None
+    launches = [
+        Launch(_gradcam_cosine_fwd_partial_kernel, (num_groups, cfg["N_CHUNKS"]),
+               dict(grad_ptr=grad, act_ptr=act, offsets_ptr=offsets, dot_ptr=dot, sq_ptr=sq,
+                    num_rows=num_rows, D=dim, ACC=_TL_DTYPE[acc], BLOCK_Q=cfg["BLOCK_Q"],
+                    BLOCK_D=cfg["BLOCK_D"]), cfg["num_warps"]),
+        Launch(_gradcam_cosine_fwd_finish_kernel, (num_groups,),
+               dict(offsets_ptr=offsets, num_sub_ptr=num_sub, dot_ptr=dot, sq_ptr=sq,
+                    cos_ptr=cos, norm_ptr=norm, weight_ptr=weight, loss_ptr=loss,
+                    num_rows=num_rows, margin=margin, eps=eps, N_CHUNKS=cfg["N_CHUNKS"],
+                    CONTRASTIVE=contrastive, BLOCK_Q=cfg["BLOCK_Q"]), cfg["num_warps"]),
+    ]
+    return launches, (cos, norm, weight, loss)
+
+
+def backward_launches(
+    grad: torch.Tensor,
+    act: torch.Tensor,
+    offsets: torch.Tensor,
+    cos: torch.Tensor,
+    norm: torch.Tensor,
+    row_weight: torch.Tensor,
+    group_scale: Optional[torch.Tensor],
+    eps: float,
+) -> Tuple[List[Launch], Tuple[torch.Tensor, torch.Tensor]]:
+    """The kernel launch of :func:`backward` and the outputs it fills."""
+    num_rows, dim = grad.shape
+    dgrad, dact = torch.empty_like(grad), torch.empty_like(act)
+    cfg = launch_config(dim, grad.dtype)
+    acc = accumulation_dtype(grad.dtype, act.dtype)
+    launch = Launch(
+        _gradcam_cosine_bwd_kernel, (offsets.numel() - 1, cfg["N_CHUNKS"]),
+        dict(grad_ptr=grad, act_ptr=act, offsets_ptr=offsets, cos_ptr=cos, norm_ptr=norm,
+             row_weight_ptr=row_weight, group_scale_ptr=group_scale, dgrad_ptr=dgrad,
+             dact_ptr=dact, eps=eps, D=dim, ACC=_TL_DTYPE[acc], BLOCK_Q=cfg["BLOCK_Q"],
+             BLOCK_D=cfg["BLOCK_D"]), cfg["num_warps"])
+    return [launch], (dgrad, dact)
 
 
 def forward(
@@ -251,30 +307,9 @@ def forward(
     """``grad``/``act`` ``[T, D]`` contiguous -> per-row ``cos [T]``, ``norm [T]`` and, when
     ``num_sub`` is given, the per-row loss weights ``dL_g/dc [T]`` and per-group loss ``[N]``
     (all in the accumulation dtype)."""
-    num_rows, dim = grad.shape
-    num_groups = offsets.numel() - 1
-    acc = accumulation_dtype(grad.dtype, act.dtype)
-    cfg = launch_config(dim, grad.dtype)
-    new = dict(dtype=acc, device=grad.device)
-    dot = torch.empty(cfg["N_CHUNKS"], num_rows, **new)
-    sq = torch.empty(cfg["N_CHUNKS"], num_rows, **new)
-    cos, norm = torch.empty(num_rows, **new), torch.empty(num_rows, **new)
-    weight = torch.empty(num_rows, **new) if num_sub is not None else None
-    loss = torch.empty(num_groups, **new) if num_sub is not None else None
-    if num_groups == 0:
-        return cos, norm, weight, loss
-    with _device_guard(grad):
-        _gradcam_cosine_fwd_partial_kernel[(num_groups, cfg["N_CHUNKS"])](
-            grad, act, offsets, dot, sq, num_rows,
-            D=dim, ACC=_TL_DTYPE[acc], BLOCK_Q=cfg["BLOCK_Q"], BLOCK_D=cfg["BLOCK_D"],
-            num_warps=cfg["num_warps"],
-        )
-        _gradcam_cosine_fwd_finish_kernel[(num_groups,)](
-            offsets, num_sub, dot, sq, cos, norm, weight, loss, num_rows, margin, eps,
-            N_CHUNKS=cfg["N_CHUNKS"], CONTRASTIVE=contrastive, BLOCK_Q=cfg["BLOCK_Q"],
-            num_warps=cfg["num_warps"],
-        )
-    return cos, norm, weight, loss
+    launches, outputs = forward_launches(grad, act, offsets, num_sub, margin, eps, contrastive)
+    run_launches(launches, grad)
+    return outputs
 
 
 def backward(
@@ -289,17 +324,7 @@ def backward(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``dL/dgrad``, ``dL/dact`` (``[T, D]``, dtypes of ``grad``/``act``) given ``dL/dc`` as
     ``row_weight [T] * group_scale [N]`` (the scale defaults to 1)."""
-    num_rows, dim = grad.shape
-    num_groups = offsets.numel() - 1
-    dgrad, dact = torch.empty_like(grad), torch.empty_like(act)
-    if num_groups == 0:
-        return dgrad, dact
-    cfg = launch_config(dim, grad.dtype)
-    acc = accumulation_dtype(grad.dtype, act.dtype)
-    with _device_guard(grad):
-        _gradcam_cosine_bwd_kernel[(num_groups, cfg["N_CHUNKS"])](
-            grad, act, offsets, cos, norm, row_weight, group_scale, dgrad, dact, eps,
-            D=dim, ACC=_TL_DTYPE[acc], BLOCK_Q=cfg["BLOCK_Q"], BLOCK_D=cfg["BLOCK_D"],
-            num_warps=cfg["num_warps"],
-        )
-    return dgrad, dact
+    launches, outputs = backward_launches(grad, act, offsets, cos, norm, row_weight,
+                                          group_scale, eps)
+    run_launches(launches, grad)
+    return outputs

@@ -1,4 +1,4 @@
-"""Closed-form batched Grad-CAM of common classifier heads (SPEC §4).
+"""Closed-form batched Grad-CAM of common classifier heads (docs/math.md).
 
 ``head_gradcam(head, h, classes)`` returns the scores of ``head(h)`` and, per row, the gradient
 ``g_t = d scores[t, c_t] / d h_t`` as a differentiable tensor. For a ReLU MLP head
@@ -17,16 +17,16 @@ from typing import Iterator, List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from ..heads import BranchSum
+from ..layout import class_range
 from . import triton_available
 
 __all__ = ["head_gradcam"]
 
 _BACKENDS = ("auto", "torch", "triton")
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _warned: set = set()
+
 
 def _gather_mm_torch(
     a: torch.Tensor, idx: Optional[torch.Tensor], amask: Optional[torch.Tensor],
@@ -41,48 +41,75 @@ def _gather_mm_torch(
     return out.to(out_dtype)
 
 
-def _gather_mm(
-    backend: str, a: torch.Tensor, idx: Optional[torch.Tensor], amask: Optional[torch.Tensor],
-    b: torch.Tensor, scale: Optional[torch.Tensor] = None, *, trans_a: bool = False,
-    out_dtype: Optional[torch.dtype] = None,
+def _uses_kernel(backend: str, b: torch.Tensor) -> bool:
+    """The Triton kernel runs for float16/bfloat16 operands on tensor cores (bfloat16 needs
+    sm_80+; float16 sm_75+) and in the interpreter; everything else is a torch matmul."""
+    from .head_gradcam_kernels import DTYPES
+
+    if backend != "triton" or b.dtype not in DTYPES:
+        return False
+    if not b.is_cuda:
+        return True
+    return torch.cuda.get_device_capability(b.device) >= ((8, 0) if b.dtype == torch.bfloat16
+                                                          else (7, 5))
+
+
+@torch.library.custom_op("sort_fast::gather_mm", mutates_args=())
+def gather_mm(
+    a: torch.Tensor, idx: Optional[torch.Tensor], amask: Optional[torch.Tensor],
+    b: torch.Tensor, scale: Optional[torch.Tensor], trans_a: bool, out_dtype: torch.dtype,
+    backend: str,
 ) -> torch.Tensor:
-    """``op(amask * a[idx]) @ b [* scale]``, ``op`` the identity or the transpose."""
-    if backend == "triton":
+    """``op(amask * a[idx]) @ b [* scale]``, ``op`` the identity or the transpose: ``[M, N]``
+    in ``out_dtype``. No autograd of its own (the closed form is differentiable once)."""
+    if _uses_kernel(backend, b):
         from .head_gradcam_kernels import gather_mm as impl
     else:
         impl = _gather_mm_torch
-    return impl(a, idx, amask, b, scale, trans_a, out_dtype or b.dtype)
+    return impl(a, idx, amask, b, scale, trans_a, out_dtype)
 
 
-# --------------------------------------------------------------------------- autograd Function
+@gather_mm.register_fake
+def _(a, idx, amask, b, scale, trans_a, out_dtype, backend):
+    rows = idx.shape[0] if idx is not None else a.shape[0]
+    m = a.shape[1] if trans_a else rows
+    return b.new_empty((m, b.shape[1]), dtype=out_dtype)
 
 
-class _MaskedGatherMM(torch.autograd.Function):
-    """``g = (M * W2[c]) @ W1``: ``M [T, H]``, ``c [T]``, ``W2 [A, H]``, ``W1 [H, D]`` -> ``[T, D]``.
+@torch.library.custom_op("sort_fast::masked_gather_mm", mutates_args=())
+def masked_gather_mm(mask: torch.Tensor, classes: torch.Tensor, w2: torch.Tensor,
+                     w1: torch.Tensor, backend: str) -> torch.Tensor:
+    """``g = (M * W2[c]) @ W1``: ``M [T, H]``, ``c [T]``, ``W2 [A, H]``, ``W1 [H, D]`` ->
+    ``[T, D]``. ``M`` (a ReLU indicator times a dropout mask) is piecewise constant: it gets
+    no gradient."""
+    return gather_mm(w2, classes, mask, w1, None, False, w1.dtype, backend)
 
-    ``M`` is a ReLU indicator times a dropout mask, piecewise constant: it gets no gradient.
-    """
 
-    @staticmethod
-    def forward(ctx, mask, classes, w2, w1, backend):  # type: ignore[override]
-        ctx.backend = backend
-        ctx.save_for_backward(mask, classes, w2, w1)
-        return _gather_mm(backend, w2, classes, mask, w1)
+@masked_gather_mm.register_fake
+def _(mask, classes, w2, w1, backend):
+    return w1.new_empty((classes.shape[0], w1.shape[1]))
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_g):  # type: ignore[override]
-        mask, classes, w2, w1 = ctx.saved_tensors
-        backend = ctx.backend
-        grad_w2 = grad_w1 = None
-        if ctx.needs_input_grad[3]:  # dL/dW1 = V^T U
-            grad_w1 = _gather_mm(backend, w2, classes, mask, grad_g, trans_a=True, out_dtype=w1.dtype)
-        if ctx.needs_input_grad[2]:  # dL/dW2[c_t] += M_t * (U W1^T)_t, scatter-added by class
-            acc = torch.promote_types(w2.dtype, torch.float32)
-            rows = _gather_mm(backend, grad_g, None, None, w1.t(), mask, out_dtype=acc)
-            grad_w2 = torch.zeros(w2.shape, dtype=acc, device=w2.device)
-            grad_w2 = grad_w2.index_add_(0, classes, rows).to(w2.dtype)
-        return None, None, grad_w2, grad_w1, None
+
+def _masked_setup(ctx, inputs, output):
+    mask, classes, w2, w1, backend = inputs
+    ctx.save_for_backward(mask, classes, w2, w1)
+    ctx.backend = backend
+
+
+def _masked_backward(ctx, grad_g):
+    mask, classes, w2, w1 = ctx.saved_tensors
+    grad_w2 = grad_w1 = None
+    if ctx.needs_input_grad[3]:  # dL/dW1 = V^T U
+        grad_w1 = gather_mm(w2, classes, mask, grad_g, None, True, w1.dtype, ctx.backend)
+    if ctx.needs_input_grad[2]:  # dL/dW2[c_t] += M_t * (U W1^T)_t, scatter-added by class
+        acc = torch.promote_types(w2.dtype, torch.float32)
+        rows = gather_mm(grad_g, None, None, w1.t(), mask, False, acc, ctx.backend)
+        grad_w2 = torch.zeros(w2.shape, dtype=acc, device=w2.device)
+        grad_w2 = grad_w2.index_add_(0, classes, rows).to(w2.dtype)
+    return None, None, grad_w2, grad_w1, None
+
+
+masked_gather_mm.register_autograd(_masked_backward, setup_context=_masked_setup)
 
 
 # --------------------------------------------------------------------------- head structure
@@ -160,10 +187,12 @@ def check_classes(classes: torch.Tensor, num_rows: int, device: torch.device) ->
 
 
 def check_class_range(classes: torch.Tensor, num_classes: int) -> None:
-    """Every class must index one of the ``num_classes`` scores (one host sync)."""
-    if classes.numel() == 0:
+    """Every class must index one of the ``num_classes`` scores: one host sync, none when the
+    range of this very tensor is known (:func:`sort_fast.layout.class_range`), no check inside
+    ``torch.compile``."""
+    if classes.numel() == 0 or torch.compiler.is_compiling():
         return
-    lo, hi = torch.stack([classes.min(), classes.max()]).tolist()
+    lo, hi = class_range(classes)
     if lo < 0 or hi >= num_classes:
         bad = int(((classes < 0) | (classes >= num_classes)).nonzero()[0, 0])
         raise ValueError(
@@ -188,13 +217,9 @@ def _check_inputs(head: nn.Module, h: torch.Tensor, classes: torch.Tensor, backe
 
 def _resolve_backend(backend: str, h: torch.Tensor) -> str:
     if backend == "auto":
-        use = h.is_cuda and triton_available() and h.dtype in _TRITON_DTYPES
-        return "triton" if use else "torch"
-    if backend == "triton":
-        if not triton_available():
-            raise RuntimeError("backend='triton' needs the triton package")
-        if h.dtype not in _TRITON_DTYPES:
-            raise TypeError(f"backend='triton' supports float32, float16 and bfloat16, got {h.dtype}")
+        return "triton" if h.is_cuda and triton_available() else "torch"
+    if backend == "triton" and not triton_available():
+        raise RuntimeError("backend='triton' needs the triton package")
     return backend
 
 
@@ -218,10 +243,13 @@ def _term_gradcam(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     w1 = term.first.weight  # the effective weight: parametrisations (weight norm) stay in the graph
     w2 = term.second.weight if term.second is not None else w1
-    if w1.dtype != h.dtype or w2.dtype != h.dtype:
+    autocast = torch.is_autocast_enabled(h.device.type)
+    if not autocast and (w1.dtype != h.dtype or w2.dtype != h.dtype):
         raise TypeError(f"h is {h.dtype} but the head's weights are {w1.dtype}/{w2.dtype}")
-    z = F.linear(h, w1, term.first.bias)
-    if term.second is None:  # g = W[c] (SPEC §4)
+    z = F.linear(h, w1, term.first.bias)  # under autocast: in the autocast dtype
+    if autocast:  # the products run in the dtype autocast gives nn.Linear
+        w1, w2 = w1.to(z.dtype), w2.to(z.dtype)
+    if term.second is None:  # g = W[c] (docs/math.md)
         return z, w1.index_select(0, classes)
     mask = (z > 0).to(z.dtype)
     drop = term.dropout
@@ -229,7 +257,7 @@ def _term_gradcam(
         # the module itself draws the mask (scaled by 1/(1-p)), so RNG use matches head(h)
         mask = mask * drop(torch.ones_like(z))
     scores = F.linear(z * mask, w2, term.second.bias)
-    return scores, _MaskedGatherMM.apply(mask, classes, w2, w1, backend)
+    return scores, masked_gather_mm(mask, classes, w2, w1, backend)
 
 
 def head_gradcam(
@@ -240,7 +268,7 @@ def head_gradcam(
     backend: str = "auto",
     times_input: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Scores and per-row Grad-CAM gradient of a classifier head (SPEC §4).
+    """Scores and per-row Grad-CAM gradient of a classifier head (docs/math.md).
 
     ``h [T, D]`` floating, ``classes [T]`` int64 -> ``(scores [T, A], grad [T, D])`` with
     ``scores = head(h)`` and ``grad[t] = d scores[t, classes[t]] / d h[t]`` (or the Grad-CAM
@@ -275,5 +303,5 @@ def head_gradcam(
     for term in terms[1:]:
         s, g = _term_gradcam(term, h, classes, backend)
         scores, grad = scores + s, grad + g
-    # G = g * h through autograd: dL/dh = dL/dG * g, dL/dg = dL/dG * h (SPEC §3)
+    # G = g * h through autograd: dL/dh = dL/dG * g, dL/dg = dL/dG * h (docs/math.md)
     return scores, grad * h if times_input else grad
