@@ -243,3 +243,13 @@ def test_triton_half(dtype, tol):
         assert got.dtype == dtype
         scale = want.abs().max().clamp_min(1e-6)
         assert ((got.float() - want).abs().max() / scale) < tol
+
+
+@pytest.mark.parametrize("dtype, capability, kernel", [
+    (torch.float16, (7, 5), False), (torch.bfloat16, (7, 5), False),
+    (torch.float16, (8, 0), True), (torch.bfloat16, (9, 0), True),
+    (torch.float32, (9, 0), False), (torch.float16, None, True),
+])
+def test_kernel_serves_tensor_core_gpus_only(dtype, capability, kernel):
+    """sm_75 and float32 products run torch.matmul (the static GPU check shows why)."""
+    assert hg.kernel_supported(dtype, capability) is kernel

@@ -67,7 +67,7 @@ def _load_gradcam(grad_ptr, act_ptr, rows, cols, mask, D: tl.constexpr, ACC: tl.
     return g, a
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])
 def _gradcam_cosine_fwd_partial_kernel(
     grad_ptr, act_ptr, offsets_ptr, dot_ptr, sq_ptr, num_rows,
     D: tl.constexpr, ACC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -126,7 +126,7 @@ def _hinge_row_tile(cos_ptr, start, size, k, margin, pi, ci, q,
 
 
 @triton.heuristics({"HAS_LOSS": lambda args: args["num_sub_ptr"] is not None})
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])
 def _gradcam_cosine_fwd_finish_kernel(
     offsets_ptr, num_sub_ptr, dot_ptr, sq_ptr, cos_ptr, norm_ptr, weight_ptr, loss_ptr,
     num_rows, margin, eps,

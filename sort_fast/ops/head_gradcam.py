@@ -41,17 +41,19 @@ def _gather_mm_torch(
     return out.to(out_dtype)
 
 
-def _uses_kernel(backend: str, b: torch.Tensor) -> bool:
-    """The Triton kernel runs for float16/bfloat16 operands on tensor cores (bfloat16 needs
-    sm_80+; float16 sm_75+) and in the interpreter; everything else is a torch matmul."""
-    from .head_gradcam_kernels import DTYPES
-
-    if backend != "triton" or b.dtype not in DTYPES:
+def kernel_supported(dtype: torch.dtype, capability: Optional[Tuple[int, int]]) -> bool:
+    """Whether the Triton kernel serves a product in ``dtype`` on a GPU of compute
+    ``capability`` (``None``: the CPU interpreter): float16/bfloat16 on sm_80+, where it
+    compiles to tensor-core instructions (on sm_75 Triton emits none, so torch.matmul serves
+    there, as it does float32, whose cuBLAS products a custom kernel cannot beat)."""
+    if dtype not in (torch.float16, torch.bfloat16):
         return False
-    if not b.is_cuda:
-        return True
-    return torch.cuda.get_device_capability(b.device) >= ((8, 0) if b.dtype == torch.bfloat16
-                                                          else (7, 5))
+    return capability is None or capability >= (8, 0)
+
+
+def _uses_kernel(backend: str, b: torch.Tensor) -> bool:
+    capability = torch.cuda.get_device_capability(b.device) if b.is_cuda else None
+    return backend == "triton" and kernel_supported(b.dtype, capability)
 
 
 @torch.library.custom_op("sort_fast::gather_mm", mutates_args=())
