@@ -8,13 +8,14 @@ every step's groups; gradients are averaged with ``all_reduce``; rank 0 writes t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -40,8 +41,9 @@ TRAJECTORY_FLAGS = (
     "seed", "batch_groups", "loss", "lambda_reasoning", "lambda_sub", "lambda_irrelevant",
     "margin", "lambda_attention", "lr", "warmup_steps", "grad_clip", "hidden_dim", "joint_dim",
     "dropout", "naive", "init", "synthetic_seed", "synthetic_train_groups", "introspect",
-    "vqa_questions", "vqa_annotations", "features",
+    "vqa_questions", "vqa_annotations", "features", "amp",
 )
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclasses.dataclass
@@ -55,7 +57,7 @@ class TrainResult:
 
 def _check_resume(args: argparse.Namespace, stored: Dict[str, Any]) -> None:
     for name in TRAJECTORY_FLAGS:
-        if stored.get(name) != getattr(args, name):
+        if stored.get(name, build_train_parser().get_default(name)) != getattr(args, name):
             flag = "--" + name.replace("_", "-")
             raise CLIError(f"cannot resume: the checkpoint was trained with {flag} "
                            f"{stored.get(name)!r}, this run has {getattr(args, name)!r}")
@@ -79,7 +81,20 @@ def _warmup(warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
 
 
+def compiled_step(objective: Objective):
+    """``objective`` under ``torch.compile``: the model's forward (its LSTM included, through
+    Dynamo's RNN support), the closed-form Grad-CAM and the loss in one graph."""
+    compiled = torch.compile(objective)
+
+    def step(model: PythiaVQA, batch):
+        with torch._dynamo.config.patch(allow_rnn=True):
+            return compiled(model, batch)
+
+    return step
+
+
 def _postfix(parts: Dict[str, float], groups_per_s: float) -> str:
+    """The progress bar's text: the latest loss parts and the throughput."""
     return " ".join(f"{k}={v:.3g}" for k, v in parts.items()) + f" {groups_per_s:.0f} grp/s"
 
 
@@ -125,6 +140,7 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> TrainResult:
     broadcast_parameters(model, ctx)
     optimizer = torch.optim.Adamax(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup(args.warmup_steps))
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.amp == "fp16")
     objective = Objective(args.loss, lambda_reasoning=args.lambda_reasoning,
                           lambda_sub=args.lambda_sub, lambda_irrelevant=args.lambda_irrelevant,
                           margin=args.margin, lambda_attention=args.lambda_attention,
@@ -145,6 +161,8 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> TrainResult:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
+        if "scaler" in resume:
+            scaler.load_state_dict(resume["scaler"])
         set_rng_state(resume["rng"][ctx.rank])
         step = int(resume["step"])
         if ctx.is_main:
@@ -159,6 +177,7 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> TrainResult:
             save_checkpoint({
                 "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": rngs, "data": order.state(step),
+                "scaler": scaler.state_dict(),
                 "config": vars(args), "model_config": dataclasses.asdict(model.config),
                 "vocab": data.vocab.tokens, "answer_vocab": data.answer_vocab.tokens,
                 "source": data.source, "method": method}, ckpt_path)
@@ -169,38 +188,67 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> TrainResult:
 
     bar = tqdm(total=total, initial=step, desc=method, unit="step", dynamic_ncols=True,
                disable=None if ctx.is_main else True, file=sys.stderr)
+    step_loss = compiled_step(objective) if args.compile else objective
+    autocast = (torch.autocast(ctx.device.type, dtype=AMP_DTYPES[args.amp]) if args.amp != "none"
+                else contextlib.nullcontext())
+    pending: List[Tuple[int, Dict[str, Any], Dict[str, torch.Tensor]]] = []
+
+    def flush() -> None:
+        """Reads the pending steps' loss parts from the device (one host sync), checks them
+        and writes their log lines."""
+        if not pending:
+            return
+        names = list(pending[0][2])
+        values = torch.stack([torch.stack([parts[n].float() for n in names])
+                              for _, _, parts in pending]).tolist()
+        for (step_done, record, _), row in zip(pending, values):
+            parts = dict(zip(names, row))
+            if not math.isfinite(parts["loss"]):
+                raise CLIError(f"the loss is not finite at step {step_done}; try a lower --lr")
+            if ctx.is_main:
+                jsonl.write({**record, **parts, "groups_per_s": record["groups_per_s"]})
+        if ctx.is_main:
+            bar.set_postfix_str(_postfix(parts, record["groups_per_s"]), refresh=False)
+        pending.clear()
+
     groups_seen, t_train = 0, time.perf_counter()
     while step < total:
         model.train()
         indices = order.indices(step, ctx.rank, ctx.world_size)
         batch = collate_groups([data.train[i] for i in indices]).to(ctx.device)
         optimizer.zero_grad(set_to_none=True)
-        loss, parts = objective(model, batch)
-        if not math.isfinite(parts["loss"]):
-            raise CLIError(f"the loss is not finite at step {step + 1}; try a lower --lr")
-        loss.backward()
+        with autocast:
+            loss, parts = step_loss(model, batch)
+        scaler.scale(loss).backward()
         average_gradients(model, ctx)
         if args.grad_clip > 0:
-            parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                                      args.grad_clip))
+            scaler.unscale_(optimizer)
+            parts["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                                args.grad_clip).detach()
         lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         step += 1
         groups_seen += order.batch_groups
-        groups_per_s = groups_seen / (time.perf_counter() - t_train)
+        pending.append((step, {"event": "train", "step": step, "epoch": order.epoch(step - 1),
+                               "lr": lr,
+                               "groups_per_s": groups_seen / (time.perf_counter() - t_train)},
+                        parts))
         if ctx.is_main:
-            jsonl.write({"event": "train", "step": step, "epoch": order.epoch(step - 1),
-                         "lr": lr, **parts, "groups_per_s": groups_per_s})
             bar.update(1)
-            bar.set_postfix_str(_postfix(parts, groups_per_s), refresh=False)
-        if args.eval_every and step % args.eval_every == 0 and step < total and ctx.is_main:
+        evaluate_now = (args.eval_every and step % args.eval_every == 0 and step < total
+                        and ctx.is_main)
+        save_now = (args.save_every and step % args.save_every == 0) or step == total
+        if step % args.log_every == 0 or evaluate_now or save_now:
+            flush()  # before a save: a non-finite loss never reaches a checkpoint
+        if evaluate_now:
             metrics = run_eval().metrics
             jsonl.write({"event": "eval", "step": step, **metrics})
             log.info("step %d: consistency %.2f%%, reasoning acc %.2f%%, MP@1 %.2f, MRR %.2f",
                      step, 100 * metrics["consistency"], 100 * metrics["reasoning_accuracy"],
                      100 * metrics["mp1"], 100 * metrics["mrr"])
-        if (args.save_every and step % args.save_every == 0) or step == total:
+        if save_now:
             save()
     bar.close()
     if ctx.is_main and groups_seen:

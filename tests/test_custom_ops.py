@@ -215,3 +215,26 @@ def test_loss_ops_are_differentiable_once():
     (dgrad,) = torch.autograd.grad(loss, grad, create_graph=True)
     with pytest.raises(RuntimeError, match="no autograd formula"):
         dgrad.sum().backward()
+
+
+@pytest.mark.parametrize("loss", ["sort", "sort-sq"])
+def test_pythia_sort_step_has_no_graph_break(loss):
+    """One SOrT step of the Pythia-style model (LSTM through Dynamo's RNN support, shared
+    questions and image slots from collate, closed-form Grad-CAM, SOrTLoss) traces as one
+    graph."""
+    from sort_fast.data import SyntheticIntrospect, collate_groups
+    from sort_fast.models import PythiaConfig, PythiaVQA
+    from sort_fast.training import Objective
+
+    ds = SyntheticIntrospect(seed=0, split="val", num_groups=6)
+    batch = collate_groups(list(ds))
+    model = PythiaVQA(PythiaConfig(len(ds.vocab), ds.num_answers, feature_dim=ds.feature_dim,
+                                   embed_dim=8, text_hidden=8, attention_hidden=8, joint_dim=16,
+                                   classifier_text_hidden=8, classifier_image_hidden=8))
+    objective = Objective(loss, lambda_reasoning=2.27, lambda_sub=2.27, lambda_irrelevant=3e-4,
+                          margin=0.1, lambda_attention=0.0, naive=False)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(allow_rnn=True):
+        explained = torch._dynamo.explain(objective)(model, batch)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1

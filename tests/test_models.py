@@ -88,6 +88,27 @@ def test_distinct_questions_against_a_dictionary(seed):
         assert rows[first[u]] == rows[t] and first[u] <= t   # first occurrence of its question
 
 
+def test_collate_finds_what_the_model_would(data):
+    """The distinct questions and image slots recorded by collate_groups equal those the
+    model finds on the device, and the model's output is the same bits with either."""
+    from sort_fast.models.pythia import _distinct_questions, _slots
+
+    ds, batch = data
+    first, inverse = _distinct_questions(batch.question_tokens, batch.question_lengths)
+    assert torch.equal(batch.question_first, first)
+    assert torch.equal(batch.question_inverse, inverse)
+    assert batch.distinct_lengths == batch.question_lengths[first].tolist()
+    slot, per_image = _slots(batch.image_index, batch.image_features.shape[0])
+    assert torch.equal(batch.image_slot, slot) and batch.max_per_image == per_image
+    model = _model(ds).eval()
+    bare = dataclasses.replace(batch, question_first=None, question_inverse=None,
+                               distinct_lengths=None, image_slot=None, max_per_image=None)
+    with torch.no_grad():
+        got, want = model(batch), model(bare)
+    for name in ("scores", "joint", "attention"):
+        assert torch.equal(getattr(got, name), getattr(want, name))
+
+
 def test_shared_questions_match_per_row_values_and_gradients(data):
     """Sharing the question side changes neither the outputs nor any parameter gradient
     (float64, dropout off)."""

@@ -337,3 +337,54 @@ def test_real_data_formats_with_hat_grounding(tmp_path, capsys):
     capsys.readouterr()
     assert evaluate_main([str(out / "checkpoint.pt"), "--hat-dir", str(hat)]) == 0
     assert json.loads((out / "eval" / "metrics.json").read_text())["metrics"] == m
+
+
+def losses_logged(out: Path) -> List[float]:
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in lines if r["event"] == "train"]
+
+
+def test_non_finite_loss_stops_before_the_next_save(tmp_path, monkeypatch, capsys):
+    """Loss parts are read every --log-every steps, and always before a checkpoint is written:
+    a NaN at step 3 stops the run naming step 3, and the checkpoint stays at step 2."""
+    from sort_fast.training import objective as obj
+
+    original, calls = obj.Objective.__call__, []
+
+    def nan_from_step_3(self, model, batch):
+        loss, parts = original(self, model, batch)
+        calls.append(1)
+        if len(calls) >= 3:
+            loss, parts["loss"] = loss * float("nan"), parts["loss"] * float("nan")
+        return loss, parts
+
+    monkeypatch.setattr(obj.Objective, "__call__", nan_from_step_3)
+    out = tmp_path / "run"
+    assert run(out, "--max-steps", "6", "--save-every", "2", "--log-every", "10") != 0
+    assert "not finite at step 3" in capsys.readouterr().err
+    assert ckpt.load_checkpoint(out / "checkpoint.pt")["step"] == 2
+    assert steps_logged(out) == [1, 2]
+
+
+def test_bf16_autocast_run(tmp_path):
+    out = tmp_path / "run"
+    assert run(out, "--max-steps", "3", "--eval-every", "0", "--amp", "bf16") == 0
+    losses = losses_logged(out)
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    # the resume check knows --amp: a plain resume of this run is refused
+    assert run(out, "--max-steps", "4", "--resume") != 0
+
+
+@pytest.mark.slow
+def test_compiled_training_step_matches_eager(tmp_path):
+    """--compile: the model (LSTM included), closed-form Grad-CAM and loss under
+    torch.compile give eager's loss within float rounding (one step: one compile)."""
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    flags = ["--max-steps", "1", "--eval-every", "0", "--dropout", "0"]
+    assert run(eager, *flags) == 0
+    torch._dynamo.reset()
+    assert run(compiled, *flags, "--compile") == 0
+    torch.testing.assert_close(torch.tensor(losses_logged(compiled)),
+                               torch.tensor(losses_logged(eager)), rtol=1e-5, atol=1e-6)
+    for name, value in params(eager).items():
+        torch.testing.assert_close(params(compiled)[name], value, rtol=1e-4, atol=1e-6)

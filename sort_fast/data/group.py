@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from ..layout import carry_facts, check_layout, class_range
 
-__all__ = ["Group", "PackedBatch", "collate_groups"]
+__all__ = ["Group", "PackedBatch", "collate_groups", "distinct_questions", "image_slots"]
 
 
 @dataclass
@@ -75,6 +75,13 @@ class PackedBatch:
     ``classes [T]`` int64 (argmax of ``targets``: the ground-truth class; 0 for an all-zero row),
     ``grounding [N, R]`` float32 (zeros where unknown), ``has_grounding [N]`` bool,
     ``image_ids`` (``I`` ints) and ``question_ids`` (``T`` strings).
+
+    What the model would otherwise find on the device (with host syncs) in every forward,
+    :func:`collate_groups` also records: ``question_first [U]`` (first row of each distinct
+    ``(tokens, length)`` question, ordered by length then tokens), ``question_inverse [T]``
+    (the distinct question of every row), ``distinct_lengths`` (``U`` ints, for the LSTM's
+    packing), ``image_slot [T]`` (position of each question among its image's questions) and
+    ``max_per_image``. ``None`` where unknown: the model then computes them itself.
     """
 
     question_tokens: torch.Tensor
@@ -91,6 +98,11 @@ class PackedBatch:
     has_grounding: torch.Tensor
     image_ids: List[int]
     question_ids: List[str]
+    question_first: Optional[torch.Tensor] = None
+    question_inverse: Optional[torch.Tensor] = None
+    distinct_lengths: Optional[List[int]] = None
+    image_slot: Optional[torch.Tensor] = None
+    max_per_image: Optional[int] = None
 
     @property
     def num_groups(self) -> int:
@@ -191,6 +203,8 @@ def collate_groups(groups: Sequence[Group]) -> PackedBatch:
     check_layout(offsets, num_sub, len(tokens))
     classes = targets.argmax(1)
     class_range(classes)
+    first, inverse, distinct_lengths = distinct_questions(tokens)
+    slot, max_per_image = image_slots(image_index)
     return PackedBatch(
         question_tokens=question_tokens,
         question_lengths=lengths,
@@ -206,4 +220,35 @@ def collate_groups(groups: Sequence[Group]) -> PackedBatch:
         has_grounding=has_grounding,
         image_ids=[g.image_id for g in images],
         question_ids=question_ids,
+        question_first=torch.tensor(first, dtype=torch.int64),
+        question_inverse=torch.tensor(inverse, dtype=torch.int64),
+        distinct_lengths=distinct_lengths,
+        image_slot=torch.tensor(slot, dtype=torch.int64),
+        max_per_image=max_per_image,
     )
+
+
+def distinct_questions(tokens: Sequence[Sequence[int]]) -> Tuple[List[int], List[int], List[int]]:
+    """``(first [U], inverse [T], lengths [U])`` of the questions ``tokens`` (``T`` token
+    lists): the first row of each distinct question, in order of (length, tokens), the distinct
+    question of every row, and each distinct question's length."""
+    keys = [(len(t), *t) for t in tokens]
+    order = sorted(set(keys))
+    rank = {key: u for u, key in enumerate(order)}
+    inverse = [rank[key] for key in keys]
+    first = [-1] * len(order)
+    for row, u in enumerate(inverse):
+        if first[u] < 0:
+            first[u] = row
+    return first, inverse, [key[0] for key in order]
+
+
+def image_slots(image_index: Sequence[int]) -> Tuple[List[int], int]:
+    """Position of every question among the questions of its image (in row order), and the
+    largest number of questions on one image."""
+    counts: Dict[int, int] = {}
+    slot = []
+    for image in image_index:
+        slot.append(counts.get(image, 0))
+        counts[image] = slot[-1] + 1
+    return slot, max(counts.values(), default=0)

@@ -9,7 +9,7 @@ softmax attention over the (masked) regions -> attended feature ``v``;
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -80,11 +80,22 @@ class QuestionEncoder(nn.Module):
                                        nn.ReLU(), nn.Linear(cfg.text_attention_hidden,
                                                             cfg.text_glimpses))
 
-    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        packed = pack_padded_sequence(self.embedding(tokens), lengths.cpu(), batch_first=True,
-                                      enforce_sorted=False)
-        hidden, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True,
-                                        total_length=tokens.shape[1])        # [T, L, H]
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor,
+                host_lengths: Optional[List[int]] = None) -> torch.Tensor:
+        """``host_lengths``: ``lengths`` as Python ints when the caller has them (no device
+        read for the packing)."""
+        embedded = self.embedding(tokens)
+        if torch.compiler.is_compiling():
+            # torch.compile cannot trace sequence packing. The LSTM runs forwards in time, so
+            # its outputs at the valid steps (the only ones used below) do not depend on the
+            # padding after them: the same values, up to float rounding.
+            hidden = self.lstm(embedded)[0]                                   # [T, L, H]
+        else:
+            packed = pack_padded_sequence(embedded,
+                                          lengths.cpu() if host_lengths is None else host_lengths,
+                                          batch_first=True, enforce_sorted=False)
+            hidden, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True,
+                                            total_length=tokens.shape[1])    # [T, L, H]
         valid = torch.arange(tokens.shape[1], device=tokens.device) < lengths[:, None]
         logits = self.attention(hidden).masked_fill(~valid[:, :, None], float("-inf"))
         weights = logits.softmax(dim=1)                                      # [T, L, G]
@@ -172,16 +183,24 @@ class PythiaVQA(nn.Module):
             raise ValueError(f"image features have {feats.shape[-1]} dims, the model expects "
                              f"{self.config.feature_dim}")
         tokens, lengths = batch.question_tokens, batch.question_lengths
+        host_lengths = None
         if share_questions:
-            first, inverse = _distinct_questions(tokens, lengths)
+            if batch.question_first is not None:  # found where the batch was built
+                first, inverse = batch.question_first, batch.question_inverse
+                host_lengths = batch.distinct_lengths
+            else:
+                first, inverse = _distinct_questions(tokens, lengths)
             tokens, lengths = tokens[first], lengths[first]
-        q = self.question_encoder(tokens, lengths)                                 # [U, Dq]
+        q = self.question_encoder(tokens, lengths, host_lengths)                   # [U, Dq]
         qp = self.question_projection(q) * self.attention_scorer.weight[0]         # [U, H]
         qf = self.question_fusion(q)                                               # [U, D]
         if share_questions:
             qp, qf = qp[inverse], qf[inverse]                                      # [T, ...]
         img = self.image_projection(feats)                                         # [I, R, H]
-        slot, per_image = _slots(index, feats.shape[0])
+        if batch.image_slot is not None:
+            slot, per_image = batch.image_slot, batch.max_per_image
+        else:
+            slot, per_image = _slots(index, feats.shape[0])
         q_grid = qp.new_zeros(feats.shape[0], per_image, qp.shape[1])
         q_grid[index, slot] = qp
         logits = torch.bmm(q_grid, img.transpose(1, 2))[index, slot]               # [T, R]

@@ -162,6 +162,18 @@ def build_train_parser() -> OneLineParser:
     sched.add_argument("--save-every", type=non_negative_int, default=230,
                        help="write the checkpoint every N steps (0: only at the end; default: "
                             "%(default)s)")
+    sched.add_argument("--log-every", type=positive_int, default=10,
+                       help="read the loss parts from the device every N steps (one host sync "
+                            "per N steps; every step is still logged, and a non-finite loss "
+                            "stops the run at the next read; default: %(default)s)")
+    speed = p.add_argument_group("speed")
+    speed.add_argument("--compile", action="store_true",
+                       help="run the model and the objective of each step under torch.compile "
+                            "(the first steps compile; results equal eager's within float "
+                            "rounding)")
+    speed.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
+                       help="mixed precision: the step under torch.autocast in bfloat16 or "
+                            "float16 (fp16 with gradient scaling); default: %(default)s")
     start = sched.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true",
                        help="continue from OUT/checkpoint.pt (same flags; bit-identical to an "

@@ -2,6 +2,7 @@
 ``--loss bce|squint|sort-sq|sort``."""
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Dict, Tuple
 
 import torch
@@ -44,7 +45,7 @@ def attention_alignment(attention: torch.Tensor, offsets: torch.Tensor,
     regions and averaged over ``<reasoning, sub-question>`` pairs (mean squared error up to the
     constant number of regions). ``attention [T, R]`` is 0 on padded regions."""
     sizes = offsets[1:] - offsets[:-1]
-    roles = row_roles(offsets, num_sub, sizes)
+    roles = row_roles(offsets, num_sub, sizes, num_rows=attention.shape[0])
     sub = (roles == ROLE_SUB).nonzero().squeeze(1)
     reasoning = offsets[:-1][group_ids(sizes, attention.shape[0])[sub]]
     return (attention[sub] - attention[reasoning]).square().sum(1).mean()
@@ -73,21 +74,22 @@ class Objective:
                                       backend="torch" if naive else "auto")
 
     def __call__(self, model: PythiaVQA, batch: PackedBatch
-                 ) -> Tuple[torch.Tensor, Dict[str, float]]:
-        """The loss of ``batch`` (with its graph) and its parts as floats, for logging."""
+                 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """The loss of ``batch`` (with its graph) and its parts, detached 0-d tensors on the
+        loss's device (read them in batches: each read is a host sync on a GPU)."""
         # the closed-form Grad-CAM computes the classifier's scores itself
         out = model(batch, scores=self.sort_loss is None or self.naive)
         if self.sort_loss is not None:
             scores, grad = gradcam_gradient(model, out, batch.classes, self.naive)
             parts = self.sort_loss(scores, batch.targets, grad, out.joint, batch.offsets,
                                    batch.num_sub)
-            return parts.total, {"loss": float(parts.total.detach()),
-                                 **{k: v for k, v in parts.as_dict().items() if k != "total"}}
-        bce = F.binary_cross_entropy_with_logits(out.scores, batch.targets,
+            return parts.total, {"loss": parts.total.detach(),
+                                 **{f.name: getattr(parts, f.name).detach()
+                                    for f in fields(parts) if f.name != "total"}}
+        bce = F.binary_cross_entropy_with_logits(out.scores.float(), batch.targets,
                                                  reduction="none").sum(1).mean()
         if self.kind == "bce":
-            return bce, {"loss": float(bce.detach()), "bce": float(bce.detach())}
-        align = attention_alignment(out.attention, batch.offsets, batch.num_sub)
+            return bce, {"loss": bce.detach(), "bce": bce.detach()}
+        align = attention_alignment(out.attention.float(), batch.offsets, batch.num_sub)
         total = bce + self.lambda_attention * align
-        return total, {"loss": float(total.detach()), "bce": float(bce.detach()),
-                       "attention": float(align.detach())}
+        return total, {"loss": total.detach(), "bce": bce.detach(), "attention": align.detach()}
