@@ -35,6 +35,8 @@ group (SOrT hinge, margin 0) plus the BCE terms (``λ = 2.27, 2.27, 3e-4``), bac
 * ``fused``: :class:`sort_fast.training.Objective` ``("sort")``: image side once per image,
   question side once per distinct question (167 of the 679 rows),
   closed-form :func:`~sort_fast.ops.head_gradcam.head_gradcam`, :class:`~sort_fast.SOrTLoss`.
+* ``fused_compiled``: the same objective under ``torch.compile`` (the trainer's
+  ``--compile``: one graph, no break), compiled in the untimed warm-up step.
 
 Group ``step-<size>``; ``extra_info``: ``triples_per_s`` (triples / median step time) and
 ``peak_mb`` (one step after a warm-up step, so without the optimizer state's first allocation,
@@ -68,15 +70,18 @@ from sort_fast import contrastive_gradient_loss
 from sort_fast.data import PackedBatch, SyntheticIntrospect, collate_groups
 from sort_fast.losses import role_bce
 from sort_fast.models import PythiaConfig, PythiaVQA, pythia_sizes
+from sort_fast.train import compiled_step
 from sort_fast.training import Objective, gradcam_gradient
 
 NUM_GROUPS = 64
 LAMBDAS = (2.27, 2.27, 3e-4)
 PYTHIA_REGIONS, PYTHIA_ANSWERS = 36, 3129
 SIZES = ("small", "pythia")
-PATHS = ("original", "vectorized", "vectorized_shared", "fused")
-ROUNDS = {"small": {"original": 3, "vectorized": 30, "vectorized_shared": 30, "fused": 30},
-          "pythia": {"original": 1, "vectorized": 2, "vectorized_shared": 2, "fused": 2}}
+PATHS = ("original", "vectorized", "vectorized_shared", "fused", "fused_compiled")
+ROUNDS = {"small": {"original": 3, "vectorized": 30, "vectorized_shared": 30, "fused": 30,
+                    "fused_compiled": 30},
+          "pythia": {"original": 1, "vectorized": 2, "vectorized_shared": 2, "fused": 2,
+                     "fused_compiled": 2}}
 
 
 class Setup(NamedTuple):
@@ -209,11 +214,18 @@ def fused_parts(model, batch: PackedBatch, sort_loss, mark: Callable[[], None] =
     return grad, out.joint, parts
 
 
+@functools.lru_cache(maxsize=None)
+def compiled_objective():
+    """The trainer's ``--compile`` step: ``Objective("sort")`` under ``torch.compile``."""
+    return compiled_step(make_objective())
+
+
 LOSSES: Dict[str, Callable[[PythiaVQA, Setup], torch.Tensor]] = {
     "original": original_loss,
     "vectorized": lambda model, s: vectorized_parts(model, s, "vectorized")[3],
     "vectorized_shared": lambda model, s: vectorized_parts(model, s, "vectorized_shared")[3],
     "fused": lambda model, s: make_objective()(model, s.batch)[0],
+    "fused_compiled": lambda model, s: compiled_objective()(model, s.batch)[0],
 }
 
 
@@ -342,6 +354,11 @@ def test_step_vectorized_shared(benchmark, size):
 @sizes
 def test_step_fused(benchmark, size):
     _bench_step(benchmark, "fused", size)
+
+
+@sizes
+def test_step_fused_compiled(benchmark, size):
+    _bench_step(benchmark, "fused_compiled", size)
 
 
 STAGES = ("forward", "gradcam", "loss", "backward", "optimizer")
