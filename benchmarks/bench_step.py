@@ -110,8 +110,8 @@ def _own_images(batch: PackedBatch) -> PackedBatch:
     """``batch`` with its own copy of the image for every question row (as the authors'
     dataloader yields samples)."""
     image = batch.image_index
-    return dataclasses.replace(
-        batch, image_features=batch.image_features[image], image_boxes=batch.image_boxes[image],
+    return batch.replace(
+        image_features=batch.image_features[image], image_boxes=batch.image_boxes[image],
         image_mask=batch.image_mask[image],
         image_index=torch.arange(image.numel(), device=image.device),
         image_ids=[batch.image_ids[i] for i in image.tolist()])
@@ -120,8 +120,8 @@ def _own_images(batch: PackedBatch) -> PackedBatch:
 def _question_batch(batch: PackedBatch, rows: torch.Tensor) -> PackedBatch:
     """The questions ``rows`` of ``batch``, one sample each with its own copy of its image. The
     layout fields are not read by the model; they describe the rows as a single group."""
-    return _own_images(dataclasses.replace(
-        batch, question_tokens=batch.question_tokens[rows],
+    return _own_images(batch.replace(
+        question_tokens=batch.question_tokens[rows],
         question_lengths=batch.question_lengths[rows], image_index=batch.image_index[rows],
         offsets=torch.tensor([0, rows.numel()], device=rows.device),
         num_sub=torch.tensor([rows.numel() - 1], device=rows.device),

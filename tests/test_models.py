@@ -103,6 +103,13 @@ def test_collate_finds_what_the_model_would(data):
     model = _model(ds).eval()
     bare = dataclasses.replace(batch, question_first=None, question_inverse=None,
                                distinct_lengths=None, image_slot=None, max_per_image=None)
+    # a batch changed through PackedBatch.replace drops what it invalidates
+    half = batch.replace(question_tokens=batch.question_tokens[:5],
+                         question_lengths=batch.question_lengths[:5],
+                         image_index=batch.image_index[:5])
+    assert half.question_first is None and half.image_slot is None
+    with pytest.raises(ValueError, match="stale"):
+        dataclasses.replace(batch, question_tokens=batch.question_tokens[:5])
     with torch.no_grad():
         got, want = model(batch), model(bare)
     for name in ("scores", "joint", "attention"):

@@ -83,7 +83,12 @@ def test_sort_loss_under_autocast():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [(dict(mode="triplet"), "mode must be one of"), (dict(lambda_sub=-1.0), "lambda_sub")],
+    [(dict(mode="triplet"), "mode must be one of"), (dict(lambda_sub=-1.0), "lambda_sub"),
+     (dict(lambda_reasoning=float("nan")), "lambda_reasoning must be a finite"),
+     (dict(lambda_irrelevant=float("inf")), "lambda_irrelevant must be a finite"),
+     (dict(margin=float("nan")), "margin must be a finite"),
+     (dict(eps=0.0), "eps must be a positive"), (dict(eps=-1e-8), "eps must be a positive"),
+     (dict(backend="cuda"), "backend must be one of"), (dict(lambda_sub=True), "lambda_sub")],
 )
 def test_sort_loss_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -1,6 +1,7 @@
 """One ``<image, reasoning question>`` group and the packed batch built from several (SPEC §2)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -81,7 +82,10 @@ class PackedBatch:
     ``(tokens, length)`` question, ordered by length then tokens), ``question_inverse [T]``
     (the distinct question of every row), ``distinct_lengths`` (``U`` ints, for the LSTM's
     packing), ``image_slot [T]`` (position of each question among its image's questions) and
-    ``max_per_image``. ``None`` where unknown: the model then computes them itself.
+    ``max_per_image``. ``None`` where unknown: the model then computes them itself. They are
+    derived from ``question_tokens``, ``question_lengths`` and ``image_index``: change those
+    with :meth:`replace`, which drops what they invalidate (``dataclasses.replace`` keeps stale
+    values; a row count that no longer matches raises ``ValueError``).
     """
 
     question_tokens: torch.Tensor
@@ -103,6 +107,24 @@ class PackedBatch:
     distinct_lengths: Optional[List[int]] = None
     image_slot: Optional[torch.Tensor] = None
     max_per_image: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        rows = self.question_tokens.shape[0]
+        for name in ("question_inverse", "image_slot"):
+            value = getattr(self, name)
+            if value is not None and value.shape != (rows,):
+                raise ValueError(f"PackedBatch.{name} has shape {tuple(value.shape)} for {rows} "
+                                 "question rows: it is stale (use PackedBatch.replace)")
+
+    def replace(self, **changes) -> "PackedBatch":
+        """A copy with ``changes``; the derived question and image-slot fields are dropped
+        when a field they derive from changes."""
+        if {"question_tokens", "question_lengths"} & changes.keys():
+            changes = {"question_first": None, "question_inverse": None,
+                       "distinct_lengths": None, **changes}
+        if "image_index" in changes:
+            changes = {"image_slot": None, "max_per_image": None, **changes}
+        return dataclasses.replace(self, **changes)
 
     @property
     def num_groups(self) -> int:
