@@ -238,3 +238,29 @@ def test_pythia_sort_step_has_no_graph_break(loss):
         explained = torch._dynamo.explain(objective)(model, batch)
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
     assert explained.graph_count == 1
+
+
+def test_pythia_training_step_makes_no_host_sync(monkeypatch):
+    """A whole training step of the trainer on a collated batch (model forward with the
+    distinct questions and image slots found by collate, closed-form Grad-CAM, SOrTLoss,
+    backward, gradient clipping) reads nothing back from the device. (The optimizer step reads
+    its step counter with ``.item()``, but PyTorch keeps that counter on the CPU even when the
+    parameters are on a GPU, so it is no device sync.)"""
+    from sort_fast.data import SyntheticIntrospect, collate_groups
+    from sort_fast.models import PythiaConfig, PythiaVQA
+    from sort_fast.training import Objective
+
+    ds = SyntheticIntrospect(seed=0, split="val", num_groups=6)
+    batch = collate_groups(list(ds))
+    model = PythiaVQA(PythiaConfig(len(ds.vocab), ds.num_answers, feature_dim=ds.feature_dim,
+                                   embed_dim=8, text_hidden=8, attention_hidden=8, joint_dim=16,
+                                   classifier_text_hidden=8, classifier_image_hidden=8))
+    optimizer = torch.optim.Adamax(model.parameters(), lr=1e-3)
+    objective = Objective("sort", lambda_reasoning=2.27, lambda_sub=2.27,
+                          lambda_irrelevant=3e-4, margin=0.1, lambda_attention=0.0, naive=False)
+    with no_host_sync(monkeypatch):
+        loss, parts = objective(model, batch)
+        loss.backward()
+        parts["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+    optimizer.step()
+    assert torch.isfinite(torch.stack(list(parts.values()))).all()
