@@ -30,7 +30,28 @@ HEADS = {
     "nested_sequential": _nested,
     "pythia_train": lambda d, h, a: pythia_classifier(d, h, h + 3, a, dropout=0.3).train(),
     "branchsum_linear_mlp": lambda d, h, a: BranchSum(nn.Linear(d, a), mlp_head(d, h, a)),
+    # ViLT/BERT-style answer heads: Linear -> LayerNorm -> GELU -> [Dropout] -> Linear
+    "ln_gelu": lambda d, h, a: _smooth(d, h, a, nn.LayerNorm(h), nn.GELU()),
+    "ln_gelu_tanh_dropout_train": lambda d, h, a: _smooth(
+        d, h, a, nn.LayerNorm(h), nn.GELU(approximate="tanh"), nn.Dropout(0.4)).train(),
+    "ln_no_affine_gelu": lambda d, h, a: _smooth(
+        d, h, a, nn.LayerNorm(h, elementwise_affine=False), nn.GELU()),
+    "gelu_without_ln": lambda d, h, a: _smooth(d, h, a, None, nn.GELU(), nn.Dropout(0.3)).train(),
+    "ln_relu_dropout_train": lambda d, h, a: _smooth(
+        d, h, a, nn.LayerNorm(h), nn.ReLU(), nn.Dropout(0.3)).train(),
 }
+
+
+def _smooth(d, h, a, norm, act, dropout=None):
+    """``Linear -> [LayerNorm] -> act -> [Dropout] -> Linear`` with a non-trivial LayerNorm
+    affine (random gamma and beta), as after training."""
+    layers = [nn.Linear(d, h), norm, act, dropout, nn.Linear(h, a)]
+    head = nn.Sequential(*[m for m in layers if m is not None])
+    if norm is not None and norm.elementwise_affine:
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.normal_(0, 0.3)
+    return head
 
 
 def _groups(t):
@@ -253,3 +274,19 @@ def test_triton_half(dtype, tol):
 def test_kernel_serves_tensor_core_gpus_only(dtype, capability, kernel):
     """sm_75 and float32 products run torch.matmul (the static GPU check shows why)."""
     assert hg.kernel_supported(dtype, capability) is kernel
+
+
+@pytest.mark.parametrize("name", [n for n in HEADS if n.startswith(("ln_", "gelu"))])
+def test_layernorm_gelu_heads_take_the_closed_form(name):
+    """No autograd fallback (which would warn) for the ViLT-style heads."""
+    head = HEADS[name](5, 6, 4)
+    assert not isinstance(hg._terms(head), str)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        head_gradcam(head.double(), torch.randn(3, 5, dtype=torch.float64), torch.zeros(3).long())
+
+
+def test_gelu_before_dropout_only():
+    """Dropout does not commute with GELU: dropout before a GELU is not a closed form."""
+    head = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.2), nn.GELU(), nn.Linear(6, 3))
+    assert "not Linear[-LayerNorm]" in hg._terms(head)

@@ -10,6 +10,8 @@ PyTorch elsewhere) whose backward is written by hand; heads without a closed for
 """
 from __future__ import annotations
 
+import math
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple, Union
@@ -119,11 +121,15 @@ masked_gather_mm.register_autograd(_masked_backward, setup_context=_masked_setup
 
 @dataclass
 class _Term:
-    """``y = second(dropout(relu(first(h))))``, or ``y = first(h)`` when ``second`` is None."""
+    """``y = second(dropout(act(norm(first(h)))))``, or ``y = first(h)`` when ``second`` is
+    None; ``norm`` an optional LayerNorm, ``activation`` ``"relu"``, ``"gelu"`` (exact) or
+    ``"gelu_tanh"``."""
 
     first: nn.Linear
     dropout: Optional[nn.Dropout] = None
     second: Optional[nn.Linear] = None
+    norm: Optional[nn.LayerNorm] = None
+    activation: str = "relu"
 
 
 def _plain(module: nn.Module, cls: type) -> bool:
@@ -155,20 +161,29 @@ def _terms(head: nn.Module) -> Union[List[_Term], str]:
             terms.extend(sub)
         return terms
     layers = list(_flatten(head))
-    code = {nn.Linear: "L", nn.ReLU: "R", nn.Dropout: "D"}
+    code = {nn.Linear: "L", nn.ReLU: "R", nn.GELU: "G", nn.LayerNorm: "N", nn.Dropout: "D"}
     pattern = ""
     for layer in layers:
         kind = next((k for k in code if _plain(layer, k)), None)
         if kind is None:
             return f"module type {type(layer).__name__} is not recognised (or has hooks)"
         pattern += code[kind]
+    by_kind = dict(zip(pattern[1:-1], layers[1:-1]))
     if pattern == "L":
         return [_Term(layers[0])]
-    if pattern in ("LRL", "LRDL", "LDRL"):  # dropout and ReLU commute (the mask is >= 0)
-        dropout = layers[1] if pattern == "LDRL" else layers[2] if pattern == "LRDL" else None
-        return [_Term(layers[0], dropout, layers[-1])]
+    # Linear [LayerNorm] activation [Dropout] Linear; dropout may also precede a ReLU, with
+    # which it commutes (the mask is >= 0), but not a GELU
+    if re.fullmatch(r"LN?(RD?|DR|GD?)L", pattern):
+        norm = by_kind.get("N")
+        if norm is not None and (len(norm.normalized_shape) != 1
+                                 or norm.normalized_shape[0] != layers[0].out_features):
+            return f"LayerNorm over {tuple(norm.normalized_shape)} is not over the last dim"
+        activation = "relu"
+        if "G" in by_kind:
+            activation = "gelu" if by_kind["G"].approximate == "none" else "gelu_tanh"
+        return [_Term(layers[0], by_kind.get("D"), layers[-1], norm, activation)]
     names = [type(layer).__name__ for layer in layers]
-    return f"the layer sequence {names} is not Linear[-ReLU-[Dropout]-Linear]"
+    return (f"the layer sequence {names} is not Linear[-LayerNorm]-ReLU|GELU-[Dropout]-Linear")
 
 
 # --------------------------------------------------------------------------- entry point
@@ -253,13 +268,69 @@ def _term_gradcam(
         w1, w2 = w1.to(z.dtype), w2.to(z.dtype)
     if term.second is None:  # g = W[c] (docs/math.md)
         return z, w1.index_select(0, classes)
+    if term.norm is not None or term.activation != "relu":
+        return _smooth_term_gradcam(term, z, classes, w1, w2)
     mask = (z > 0).to(z.dtype)
-    drop = term.dropout
-    if drop is not None and drop.training and drop.p > 0:
-        # the module itself draws the mask (scaled by 1/(1-p)), so RNG use matches head(h)
-        mask = mask * drop(torch.ones_like(z))
+    dropout = _dropout_mask(term.dropout, z)
+    if dropout is not None:
+        mask = mask * dropout
     scores = F.linear(z * mask, w2, term.second.bias)
     return scores, masked_gather_mm(mask, classes, w2, w1, backend)
+
+
+def _dropout_mask(drop: Optional[nn.Dropout], like: torch.Tensor) -> Optional[torch.Tensor]:
+    """This forward's dropout mask (scaled by ``1/(1-p)``), drawn by the module itself so that
+    the RNG use matches ``head(h)``; None when dropout is off."""
+    if drop is None or not drop.training or drop.p == 0:
+        return None
+    return drop(torch.ones_like(like))
+
+
+def _gelu_and_slope(a: torch.Tensor, approximate: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``GELU(a)`` and ``GELU'(a)`` as differentiable functions of ``a`` (docs/math.md)."""
+    if approximate:  # 0.5 a (1 + tanh(k (a + 0.044715 a^3)))
+        k = math.sqrt(2.0 / math.pi)
+        t = torch.tanh(k * (a + 0.044715 * a.pow(3)))
+        slope = 0.5 * (1 + t) + 0.5 * a * (1 - t * t) * k * (1 + 3 * 0.044715 * a * a)
+        return F.gelu(a, approximate="tanh"), slope
+    cdf = 0.5 * (1 + torch.erf(a * (1 / math.sqrt(2.0))))
+    pdf = torch.exp(-0.5 * a * a) * (1 / math.sqrt(2 * math.pi))
+    return F.gelu(a), cdf + a * pdf
+
+
+def _smooth_term_gradcam(term: _Term, z: torch.Tensor, classes: torch.Tensor,
+                         w1: torch.Tensor, w2: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Scores and ``g = E @ W1`` of ``Linear -> [LayerNorm] -> ReLU|GELU -> [Dropout] ->
+    Linear`` (docs/math.md): ``v = mask * act'(a) * W2[c]`` and, through the LayerNorm's
+    Jacobian, ``E = (w - mean(w) - u mean(w u)) / sigma`` with ``w = gamma * v`` and ``u`` the
+    normalised ``z``. Plain differentiable operations (second order through ``act'`` and the
+    normalisation included; Inductor fuses them under ``torch.compile``) and one matmul."""
+    acc = torch.promote_types(z.dtype, torch.float32)
+    x = z.to(acc)
+    norm = term.norm
+    if norm is not None:
+        mean = x.mean(-1, keepdim=True)
+        sigma = torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + norm.eps)
+        u = (x - mean) / sigma
+        gamma = norm.weight.to(acc) if norm.weight is not None else None
+        a = u * gamma if gamma is not None else u
+        a = a + norm.bias.to(acc) if norm.bias is not None else a
+    else:
+        a = x
+    if term.activation == "relu":
+        s, slope = torch.relu(a), (a > 0).to(acc)
+    else:
+        s, slope = _gelu_and_slope(a, term.activation == "gelu_tanh")
+    mask = _dropout_mask(term.dropout, s)
+    if mask is not None:
+        s, slope = s * mask, slope * mask
+    scores = F.linear(s.to(z.dtype), w2, term.second.bias)
+    w = slope * w2.index_select(0, classes).to(acc)            # dy_c / da
+    if norm is not None:
+        w = w * gamma if gamma is not None else w              # dy_c / du
+        w = (w - w.mean(-1, keepdim=True)
+             - u * (w * u).mean(-1, keepdim=True)) / sigma     # dy_c / dz
+    return scores, w.to(w1.dtype) @ w1
 
 
 def head_gradcam(
@@ -277,7 +348,8 @@ def head_gradcam(
     vector ``grad * h`` when ``times_input``), differentiable w.r.t. ``h`` and the head's
     parameters as ``torch.autograd.grad(..., create_graph=True)`` would be (once).
 
-    Closed form for ``nn.Linear``, ``Linear -> ReLU -> [Dropout] -> Linear`` (nested
+    Closed form for ``nn.Linear``, ``Linear -> [LayerNorm] -> ReLU|GELU -> [Dropout] -> Linear``
+    (GELU exact or tanh; a ViLT/BERT-style answer head; nested
     ``nn.Sequential`` allowed, weights may be parametrised, e.g. weight norm) and ``BranchSum``
     of those; any other head falls back to autograd with a one-time warning. ``backend``:
     ``"triton"`` (fused kernels; CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` or
