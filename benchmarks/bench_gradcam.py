@@ -1,4 +1,4 @@
-"""Closed-form head Grad-CAM (SPEC §4) against autograd with ``create_graph=True``.
+"""Closed-form head Grad-CAM (docs/math.md) against autograd with ``create_graph=True``.
 
 Run (benchmark-only; nothing here is a plain test)::
 
@@ -12,6 +12,8 @@ Heads (float32, train mode, dropout 0.5, T = 640 rows in 64 groups of 1 reasonin
 * ``pythia``: Pythia's logit classifier on a 5000-d joint embedding, two weight-normalised
   branches with hidden 5000 each (the released model uses 300 for text and 5000 for image;
   both at 5000 is the heavier case).
+* ``vilt``: ViLT's VQA answer head, ``Linear(768, 1536) -> LayerNorm -> GELU ->
+  Linear(1536, 3129)`` (closed form through the LayerNorm Jacobian and GELU's derivative).
 
 Paths: ``closed`` (``head_gradcam(..., times_input=True)``), ``autograd_onehot`` (the authors'
 way: ``autograd.grad(scores, h, grad_outputs=one_hot, create_graph=True)``) and
@@ -40,6 +42,9 @@ ROWS, GROUP, NUM_SUB, ANSWERS = 640, 10, 3, 3129
 HEADS: Dict[str, Tuple[Callable[[], torch.nn.Module], int]] = {
     "mlp": (lambda: mlp_head(2048, 2048, ANSWERS, dropout=0.5), 2048),
     "pythia": (lambda: pythia_classifier(5000, 5000, 5000, ANSWERS, dropout=0.5), 5000),
+    # ViLT-B/32's VQA head: Linear -> LayerNorm -> GELU -> Linear (no dropout)
+    "vilt": (lambda: torch.nn.Sequential(torch.nn.Linear(768, 1536), torch.nn.LayerNorm(1536),
+                                         torch.nn.GELU(), torch.nn.Linear(1536, ANSWERS)), 768),
 }
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -110,7 +115,7 @@ def checked(path: str, head_name: str, device: str) -> None:
 params = pytest.mark.parametrize("path", list(PATHS))
 heads = pytest.mark.parametrize("head_name", list(HEADS))
 devices = pytest.mark.parametrize("device", DEVICES)
-ROUNDS = {"mlp": 5, "pythia": 3}
+ROUNDS = {"mlp": 5, "pythia": 3, "vilt": 10}
 
 
 @devices
