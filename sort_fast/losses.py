@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .layout import ROLE_IRRELEVANT, ROLE_REASONING, ROLE_SUB, row_roles
-from .ops.contrastive_loss import BACKENDS, MODES, check_number, contrastive_gradient_loss
+from .ops.contrastive_loss import (BACKENDS, MODES, GradCAMSource, check_number,
+                                  contrastive_gradient_loss, gradcam_inputs)
 
 __all__ = ["SOrTLoss", "SOrTLossOutput", "role_bce"]
 
@@ -69,11 +70,15 @@ class SOrTLoss(nn.Module):
         self.lambdas = (float(lambda_reasoning), float(lambda_sub), float(lambda_irrelevant))
         self.margin, self.mode, self.eps, self.backend = margin, mode, eps, backend
 
-    def forward(self, scores: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor,
-                act: torch.Tensor, offsets: torch.Tensor,
-                num_sub: torch.Tensor) -> SOrTLossOutput:
+    def forward(self, scores: torch.Tensor, targets: torch.Tensor, grad: GradCAMSource,
+                act: Optional[torch.Tensor] = None, offsets: Optional[torch.Tensor] = None,
+                num_sub: Optional[torch.Tensor] = None) -> SOrTLossOutput:
         """Args: ``scores``/``targets`` ``[T, A]`` (logits, soft VQA targets); ``grad``/``act``
-        ``[T, D]`` (``dy_c/dA`` with its graph, and ``A``); ``offsets [N+1]``, ``num_sub [N]``."""
+        ``[T, D]`` or ``[T, ...]`` (``dy_c/dA`` with its graph, and ``A``), or instead of the
+        two a :class:`~sort_fast.GradCAM` or ``(grad, act)`` pair
+        (``loss(scores, targets, cam, offsets, num_sub)``); ``offsets [N+1]``,
+        ``num_sub [N]``."""
+        grad, act, (offsets, num_sub) = gradcam_inputs(grad, act, offsets, num_sub)
         for name, t in (("scores", scores), ("targets", targets)):
             if not isinstance(t, torch.Tensor) or t.dim() != 2:
                 raise ValueError(f"{name} must be a 2-D tensor [T, A]")

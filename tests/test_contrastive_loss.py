@@ -316,7 +316,9 @@ def test_module_wrapper():
         (dict(num_sub=torch.tensor([1])), ValueError, "one entry per group"),
         (dict(grad=torch.zeros(29, 5, dtype=torch.int64)), TypeError, "grad must be float"),
         (dict(act=torch.zeros(28, 5)), ValueError, "differ in shape"),
-        (dict(act=torch.zeros(29)), ValueError, "act must be 2-D"),
+        (dict(act=torch.zeros(29)), ValueError, r"act must be \[T, D\]"),
+        (dict(act=torch.zeros(29, 5, 1)), ValueError, "differ in shape"),
+        (dict(grad=(torch.zeros(29, 5),)), TypeError, "pair or a GradCAM"),
         (dict(mode="both"), ValueError, "mode must be one of"),
         (dict(reduction="avg"), ValueError, "reduction must be one of"),
         (dict(eps=0.0), ValueError, "eps must be a positive"),
@@ -332,3 +334,38 @@ def test_bad_input(change, exc, match):
     with pytest.raises(exc, match=match):
         contrastive_gradient_loss(args["grad"], args["act"], args["offsets"], args["num_sub"],
                                   **kwargs)
+
+
+def test_gradcam_object_pair_and_conv_maps():
+    """The losses take what GradCAM gives (the object or a (grad, act) pair) and conv-shaped
+    activations [T, C, H, W], flattened per row: the same values and gradients."""
+    grad, act, offsets, num_sub = make_inputs(*RAGGED, dim=2 * 3 * 4, seed=21)
+    want = run(contrastive_gradient_loss, grad, act, offsets, num_sub, margin=0.1)
+    conv = run(lambda g, a, *rest, **kw: contrastive_gradient_loss(
+        g.reshape(-1, 2, 3, 4), a.reshape(-1, 2, 3, 4), *rest, **kw),
+        grad, act, offsets, num_sub, margin=0.1)
+    pair = run(lambda g, a, *rest, **kw: contrastive_gradient_loss((g, a), *rest, **kw),
+               grad, act, offsets, num_sub, margin=0.1)
+    assert_close_all(conv, want, **FLOAT64)
+    assert_close_all(pair, want, **FLOAT64)
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(2 * 4 * 4, 5)).double()
+    images = torch.randn(int(offsets[-1]), 1, 4, 4, dtype=torch.float64)
+    classes = torch.randint(0, 5, (images.shape[0],))
+    with sort_fast.GradCAM(model, "1") as cam:  # the ReLU's [T, 2, 4, 4] output
+        cam.vectors(model(images), classes)
+        by_object = contrastive_gradient_loss(cam, offsets, num_sub, reduction="none")
+        by_tensors = contrastive_gradient_loss(cam.gradient, cam.activation, offsets, num_sub,
+                                               reduction="none")
+        sim = gradcam_similarity(cam, offsets)
+        sim_tensors = gradcam_similarity(cam.gradient.flatten(1), cam.activation.flatten(1),
+                                         offsets)
+        criterion = sort_fast.SOrTLoss()
+        scores, targets = model(images), torch.rand(images.shape[0], 5, dtype=torch.float64)
+        total = criterion(scores, targets, cam, offsets, num_sub).total
+    torch.testing.assert_close(by_object, by_tensors)
+    torch.testing.assert_close(sim, sim_tensors)
+    assert sim.shape == (images.shape[0],) and torch.isfinite(total)
+    (dconv,) = torch.autograd.grad(total, model[0].weight)
+    assert dconv.abs().sum() > 0  # second order reaches the conv weights

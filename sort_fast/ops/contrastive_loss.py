@@ -21,7 +21,7 @@ import math
 import os
 import warnings
 from types import ModuleType
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple, Union
 
 import torch
 
@@ -37,6 +37,8 @@ __all__ = [
     "ContrastiveGradientLoss",
 ]
 
+# a gradient tensor, a (grad, act) pair or a GradCAM (see gradcam_inputs)
+GradCAMSource = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor], Any]
 MODES = ("contrastive", "sq_only")
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "torch")
@@ -247,14 +249,41 @@ def check_number(name: str, value: float, *, positive: bool = False,
         raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
 
 
+def gradcam_inputs(grad: Any, act: Any, *layout: Any) -> Tuple[Any, Any, Tuple[Any, ...]]:
+    """``(grad, act, layout)`` from either calling convention of the loss functions:
+    ``f(grad, act, offsets, ...)`` or ``f(source, offsets, ...)`` where ``source`` is a
+    :class:`~sort_fast.GradCAM` (after ``vectors()``) or a ``(grad, act)`` pair. In the second
+    form the layout arguments arrive one position early and are shifted back."""
+    if isinstance(grad, torch.Tensor) or grad is None:
+        return grad, act, layout
+    if isinstance(grad, tuple) and len(grad) == 2:
+        pair = grad
+    elif hasattr(grad, "gradient") and hasattr(grad, "activation"):  # a GradCAM
+        pair = (grad.gradient, grad.activation)
+    else:
+        raise TypeError(f"grad must be a tensor, a (grad, act) pair or a GradCAM, got "
+                        f"{type(grad).__name__}")
+    if layout and layout[-1] is not None:
+        raise TypeError("with a GradCAM or a (grad, act) pair, pass the layout next: "
+                        "f(cam, offsets, num_sub)")
+    return pair[0], pair[1], (act, *layout[:-1])
+
+
+def _flat(name: str, t: Any) -> torch.Tensor:
+    """``t`` as ``[T, D]``: activations of any shape ``[T, ...]`` (a conv map ``[T, C, H, W]``)
+    are flattened per row."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() < 2:
+        raise ValueError(f"{name} must be [T, D] (or [T, ...], flattened), got shape "
+                         f"{tuple(t.shape)}")
+    return t if t.dim() == 2 else t.reshape(t.shape[0], -1)
+
+
 def _check_pair(grad: torch.Tensor, act: torch.Tensor, eps: float, backend: str) -> str:
     for name, t in (("grad", grad), ("act", act)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D [T, D], got shape {tuple(t.shape)}")
     if grad.shape != act.shape:
         raise ValueError(f"grad {tuple(grad.shape)} and act {tuple(act.shape)} differ in shape")
     if grad.device != act.device:
@@ -276,17 +305,24 @@ def _check_pair(grad: torch.Tensor, act: torch.Tensor, eps: float, backend: str)
     return backend
 
 
-def _prepare(grad, act, offsets, num_sub, eps, backend) -> str:
+def _prepare(grad, act, offsets, num_sub, eps, backend):
+    """Checked ``(grad [T, D], act [T, D], backend)``; the layout is validated."""
+    flat_grad, flat_act = _flat("grad", grad), _flat("act", act)
+    if grad.shape != act.shape:  # compared before flattening
+        raise ValueError(f"grad {tuple(grad.shape)} and act {tuple(act.shape)} differ in shape")
+    grad, act = flat_grad, flat_act
     backend = _check_pair(grad, act, eps, backend)
+    if offsets is None:
+        raise TypeError("offsets is required (the packed layout, docs/ops.md)")
     validate_layout(offsets, num_sub, grad.shape[0], device=grad.device)
-    return backend
+    return grad, act, backend
 
 
 # ----------------------------------------------------------------------------- functional API
 def gradcam_similarity(
-    grad: torch.Tensor,
-    act: torch.Tensor,
-    offsets: torch.Tensor,
+    grad: GradCAMSource,
+    act: Optional[torch.Tensor] = None,
+    offsets: Optional[torch.Tensor] = None,
     *,
     eps: float = 1e-8,
     backend: str = "auto",
@@ -294,7 +330,10 @@ def gradcam_similarity(
     """Cosine of every row's Grad-CAM vector ``grad * act`` with its group's reasoning row.
 
     Args:
-        grad, act: ``[T, D]`` float tensors (``dy_c/dA`` and ``A``), same device.
+        grad, act: ``[T, D]`` float tensors (``dy_c/dA`` and ``A``), same device; any
+            ``[T, ...]`` shape (a conv map ``[T, C, H, W]``) is flattened per row. Instead of
+            the two, a :class:`~sort_fast.GradCAM` or a ``(grad, act)`` pair:
+            ``gradcam_similarity(cam, offsets)``.
         offsets: ``[N+1]`` int64 group boundaries (docs/ops.md).
         eps: norm clamp, as in ``torch.nn.functional.cosine_similarity``.
         backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"`` or ``"torch"``.
@@ -302,17 +341,18 @@ def gradcam_similarity(
     Returns:
         ``[T]`` float32 (float64 for float64 inputs); 1 for each reasoning row. Differentiable.
     """
-    backend = _prepare(grad, act, offsets, None, eps, backend)
+    grad, act, (offsets,) = gradcam_inputs(grad, act, offsets)
+    grad, act, backend = _prepare(grad, act, offsets, None, eps, backend)
     cos, _ = gradcam_similarity_fwd(grad.contiguous(), act.contiguous(), offsets.contiguous(),
                                     float(eps), backend)
     return cos
 
 
 def contrastive_gradient_loss(
-    grad: torch.Tensor,
-    act: torch.Tensor,
-    offsets: torch.Tensor,
-    num_sub: torch.Tensor,
+    grad: GradCAMSource,
+    act: Optional[torch.Tensor] = None,
+    offsets: Optional[torch.Tensor] = None,
+    num_sub: Optional[torch.Tensor] = None,
     *,
     margin: float = 0.0,
     mode: str = "contrastive",
@@ -323,7 +363,10 @@ def contrastive_gradient_loss(
     """Contrastive gradient loss of SOrT over packed groups (docs/math.md, paper Eq. 2).
 
     Args:
-        grad, act: ``[T, D]`` float tensors; ``G = grad * act`` is the Grad-CAM vector.
+        grad, act: ``[T, D]`` float tensors; ``G = grad * act`` is the Grad-CAM vector. Any
+            ``[T, ...]`` shape (a conv map ``[T, C, H, W]``) is flattened per row. Instead of
+            the two, a :class:`~sort_fast.GradCAM` (after ``vectors()``) or a ``(grad, act)``
+            pair: ``contrastive_gradient_loss(cam, offsets, num_sub)``.
         offsets: ``[N+1]`` int64; num_sub: ``[N]`` int64 (docs/ops.md).
         margin: hinge margin (``"contrastive"`` mode).
         mode: ``"contrastive"``: mean over (sub, irrelevant) pairs of
@@ -342,7 +385,10 @@ def contrastive_gradient_loss(
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     check_number("margin", margin)
-    backend = _prepare(grad, act, offsets, num_sub, eps, backend)
+    grad, act, (offsets, num_sub) = gradcam_inputs(grad, act, offsets, num_sub)
+    grad, act, backend = _prepare(grad, act, offsets, num_sub, eps, backend)
+    if num_sub is None:
+        raise TypeError("num_sub is required (the packed layout, docs/ops.md)")
     contrastive = mode == "contrastive"
     per_group, _, _, _ = contrastive_loss_fwd(
         grad.contiguous(), act.contiguous(), offsets.contiguous(), num_sub.contiguous(),
@@ -368,8 +414,9 @@ class ContrastiveGradientLoss(torch.nn.Module):
         self.margin, self.mode, self.reduction, self.eps, self.backend = (
             margin, mode, reduction, eps, backend)
 
-    def forward(self, grad: torch.Tensor, act: torch.Tensor, offsets: torch.Tensor,
-                num_sub: torch.Tensor) -> torch.Tensor:
+    def forward(self, grad: GradCAMSource, act: Optional[torch.Tensor] = None,
+                offsets: Optional[torch.Tensor] = None,
+                num_sub: Optional[torch.Tensor] = None) -> torch.Tensor:
         return contrastive_gradient_loss(grad, act, offsets, num_sub, margin=self.margin,
                                          mode=self.mode, reduction=self.reduction, eps=self.eps,
                                          backend=self.backend)
