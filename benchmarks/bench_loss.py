@@ -1,4 +1,5 @@
-"""Contrastive gradient loss: the fused op against the naive paths of SPEC §7.
+"""Contrastive gradient loss: the fused op against the naive paths (the
+authors' per-triple loop, plain vectorised autograd, and ``torch.compile`` of it).
 
 Run::
 
@@ -42,7 +43,7 @@ def fused_loss(grad, act, offsets, num_sub):
 
 
 def vectorized_loss(grad, act, offsets, num_sub, eps=1e-8):
-    """SPEC §7 vectorised autograd path: packed rows, cosine_similarity, dense pairwise hinge."""
+    """The vectorised autograd path: packed rows, cosine_similarity, dense pairwise hinge."""
     return vectorized_hinge(grad * act, offsets, num_sub, eps)
 
 

@@ -1,5 +1,5 @@
-"""One SOrT training step of the Pythia-style model: the fused path against the naive paths of
-SPEC §7.
+"""One SOrT training step of the Pythia-style model: the fused path against the naive paths
+(the authors' per-triple training and plain vectorised autograd).
 
 Run::
 
@@ -86,7 +86,7 @@ ROUNDS = {"small": {"original": 3, "vectorized": 30, "vectorized_shared": 30, "f
 
 class Setup(NamedTuple):
     model: PythiaVQA          # the initial weights; every path trains its own copy
-    batch: PackedBatch        # the 64 groups packed (SPEC §2)
+    batch: PackedBatch        # the 64 groups packed (docs/ops.md)
     per_row: PackedBatch      # the same, every question row with its own image copy
     triples: List[PackedBatch]  # the original path's reasoning, sub and irrelevant batches
     triple_group: torch.Tensor  # group of each triple [P]
@@ -183,7 +183,7 @@ def original_loss(model, setup_: Setup) -> torch.Tensor:
 
 
 def vectorized_parts(model, s: Setup, path: str):
-    """``(grad, joint, contrastive, total)`` of the SPEC §7 vectorised autograd path: on
+    """``(grad, joint, contrastive, total)`` of the vectorised autograd path: on
     per-row inputs (``path="vectorized"``) or on shared ones (``"vectorized_shared"``)."""
     shared = path == "vectorized_shared"
     batch = s.batch if shared else s.per_row
@@ -234,7 +234,7 @@ LOSSES: Dict[str, Callable[[PythiaVQA, Setup], torch.Tensor]] = {
 
 def _check_terms(path: str, model: PythiaVQA, s: Setup):
     """Per-group contrastive loss ``[N]`` (0 for a group without irrelevant questions), the
-    contrastive term (mean over groups with irrelevant questions, SPEC §3) and, for the packed
+    contrastive term (mean over groups with irrelevant questions, docs/math.md) and, for the packed
     paths, the total loss, from one forward."""
     batch = s.batch
     if path == "original":

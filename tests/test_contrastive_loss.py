@@ -16,7 +16,7 @@ EPS = 1e-8
 
 # ----------------------------------------------------------------------------- reference
 def cosine(x, r, eps=EPS):
-    """SPEC §1 cosine, written out: x.r / (max(|x|, eps) max(|r|, eps))."""
+    """The cosine of docs/math.md, written out: x.r / (max(|x|, eps) max(|r|, eps))."""
     return (x @ r) / (x.norm(dim=-1).clamp_min(eps) * r.norm().clamp_min(eps))
 
 

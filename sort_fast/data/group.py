@@ -1,4 +1,4 @@
-"""One ``<image, reasoning question>`` group and the packed batch built from several (SPEC §2)."""
+"""One ``<image, reasoning question>`` group and the packed batch built from several (docs/ops.md)."""
 from __future__ import annotations
 
 import dataclasses
@@ -67,7 +67,7 @@ class Group:
 
 @dataclass
 class PackedBatch:
-    """Groups packed in the SPEC §2 layout; every image appears once.
+    """Groups packed in the layout of docs/ops.md; every image appears once.
 
     ``question_tokens [T, L]`` int64 (0-padded), ``question_lengths [T]`` int64,
     ``image_features [I, R, F]`` float32, ``image_boxes [I, R, 4]``, ``image_mask [I, R]`` bool

@@ -1,4 +1,4 @@
-"""The embedded VQA-Introspect-like benchmark (SPEC §9; design in docs/synthetic_benchmark.md).
+"""The embedded VQA-Introspect-like benchmark (design in docs/synthetic_benchmark.md).
 
 Images are sets of region feature vectors of objects (type, colour, size, cleanliness) plus
 background regions. Perception questions ask about one fact; reasoning questions combine one to
