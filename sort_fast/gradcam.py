@@ -51,6 +51,8 @@ class GradCAM:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if self._handle is None:
+            raise RuntimeError("this GradCAM context is not open: use `with GradCAM(...)`")
         self._handle.remove()
         self._handle = None
         self._activation = None

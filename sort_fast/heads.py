@@ -1,6 +1,8 @@
 """Classifier heads whose Grad-CAM has a closed form (SPEC §4)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -11,13 +13,18 @@ class BranchSum(nn.Module):
     """``y = sum_b branch_b(h)``: the shape of Pythia's logit classifier (a text and an image
     branch, each ``Linear -> ReLU -> [Dropout] -> Linear``, summed).
 
-    ``head_gradcam`` sums the closed-form Grad-CAM of each branch.
+    ``head_gradcam`` sums the closed-form Grad-CAM of each branch. Branches whose output size
+    is known (the ``out_features`` of their last such submodule) must agree on it.
     """
 
     def __init__(self, *branches: nn.Module) -> None:
         super().__init__()
         if not branches:
             raise ValueError("BranchSum needs at least one branch")
+        sizes = {i: n for i, n in enumerate(map(_out_features, branches)) if n is not None}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"BranchSum branches must have the same output size, got "
+                             f"{', '.join(f'branch {i}: {n}' for i, n in sizes.items())}")
         self.branches = nn.ModuleList(branches)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -26,6 +33,15 @@ class BranchSum(nn.Module):
         for branch in self.branches[1:]:
             out = out + branch(h)
         return out
+
+
+def _out_features(module: nn.Module) -> Optional[int]:
+    """``out_features`` of the last submodule of ``module`` that has one (``None`` if none)."""
+    for m in reversed(list(module.modules())):
+        n = getattr(m, "out_features", None)
+        if isinstance(n, int):
+            return n
+    return None
 
 
 def mlp_head(

@@ -153,3 +153,13 @@ def test_captum_layer_gradcam():
     # captum sums the (channel) Grad-CAM over the feature dimension of a 2-D activation
     ref = captum_attr.LayerGradCam(model, model.fusion).attribute((img, q), target=classes)
     torch.testing.assert_close(G.sum(1, keepdim=True), ref.reshape(-1, 1), rtol=1e-10, atol=1e-12)
+
+
+def test_exit_without_enter_is_a_runtime_error():
+    cam = GradCAM(ToyVQA(), layer="fusion")
+    with pytest.raises(RuntimeError, match="not open"):
+        cam.__exit__(None, None, None)
+    with cam:
+        pass
+    with pytest.raises(RuntimeError, match="not open"):      # closed twice
+        cam.__exit__(None, None, None)

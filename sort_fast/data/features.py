@@ -30,28 +30,39 @@ class RegionFeatures(ABC):
     def __getitem__(self, image_id: int) -> Tuple[np.ndarray, np.ndarray]: ...
 
 
-def _normalised_boxes(path: Path, boxes: np.ndarray, n: int, width: float, height: float
-                      ) -> np.ndarray:
+def _check_finite(path: Path, image_id: int, what: str, values: np.ndarray) -> None:
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        raise ValueError(f"{path}: image {image_id} has {bad.size} NaN/inf {what} value(s), e.g. "
+                         f"{values.flat[bad[0]]} at flat index {bad[0]}")
+
+
+def _normalised_boxes(path: Path, image_id: int, boxes: np.ndarray, n: int, width: float,
+                      height: float) -> np.ndarray:
     boxes = np.asarray(boxes, dtype=np.float32)
     if boxes.size != n * 4:
         raise ValueError(f"{path}: boxes must be [{n}, 4] for {n} regions, got {boxes.shape}")
     boxes = boxes.reshape(n, 4)
-    if width <= 0 or height <= 0:
-        raise ValueError(f"{path}: image size must be positive, got {width}x{height}")
+    _check_finite(path, image_id, "box", boxes)
+    if not (0 < width < np.inf and 0 < height < np.inf):
+        raise ValueError(f"{path}: image size must be positive and finite, got {width}x{height}")
     return boxes / np.array([width, height, width, height], dtype=np.float32)
 
 
-def _checked_features(path: Path, features: np.ndarray) -> np.ndarray:
+def _checked_features(path: Path, image_id: int, features: np.ndarray) -> np.ndarray:
     if features.ndim != 2 or features.shape[0] == 0 or features.dtype.kind != "f":
         raise ValueError(f"{path}: features must be a non-empty 2-D float array, got "
                          f"{features.dtype} {features.shape}")
-    return features.astype(np.float32, copy=False)
+    features = features.astype(np.float32, copy=False)
+    _check_finite(path, image_id, "feature", features)
+    return features
 
 
 class NpyFeatures(RegionFeatures):
     """One ``<name><image_id>.npy`` per image (e.g. ``COCO_val2014_000000000042.npy``) with an
     optional ``<same name>_info.npy`` (0-d object array of a dict: ``bbox`` ``[R, 4]`` x1 y1 x2
-    y2 in pixels, ``num_boxes``, ``image_width``/``image_height`` or ``image_w``/``image_h``)."""
+    y2 in pixels, ``num_boxes``, ``image_width``/``image_height`` or ``image_w``/``image_h``).
+    Two files for one image id raise ``ValueError``."""
 
     def __init__(self, directory: "os.PathLike[str] | str") -> None:
         self.directory = Path(directory)
@@ -60,7 +71,11 @@ class NpyFeatures(RegionFeatures):
             for entry in it:
                 m = _NPY_NAME.search(entry.name)
                 if m and not entry.name.endswith("_info.npy"):
-                    self._files[int(m.group(1))] = Path(entry.path)
+                    image_id = int(m.group(1))
+                    if image_id in self._files:
+                        raise ValueError(f"{self.directory}: image {image_id} has two feature "
+                                         f"files, {self._files[image_id].name} and {entry.name}")
+                    self._files[image_id] = Path(entry.path)
 
     def __contains__(self, image_id: int) -> bool:
         return image_id in self._files
@@ -68,9 +83,10 @@ class NpyFeatures(RegionFeatures):
     def __getitem__(self, image_id: int) -> Tuple[np.ndarray, np.ndarray]:
         path = self._files[image_id]
         try:
-            features = _checked_features(path, np.load(path, allow_pickle=False))
+            raw = np.load(path, allow_pickle=False)
         except (OSError, EOFError, ValueError) as e:
-            raise ValueError(f"{path}: not a readable float feature array ({e})") from None
+            raise ValueError(f"{path}: not a readable feature array ({e})") from None
+        features = _checked_features(path, image_id, raw)
         n = features.shape[0]
         info_path = path.with_name(path.stem + "_info.npy")
         if not info_path.exists():
@@ -88,12 +104,14 @@ class NpyFeatures(RegionFeatures):
         height = info.get("image_height", info.get("image_h"))
         if width is None or height is None:
             raise ValueError(f"{info_path}: needs image_width/image_height (or image_w/image_h)")
-        return features, _normalised_boxes(info_path, info["bbox"], n, float(width), float(height))
+        return features, _normalised_boxes(info_path, image_id, info["bbox"], n, float(width),
+                                           float(height))
 
 
 class TsvFeatures(RegionFeatures):
     """The bottom-up-attention TSV (``image_id, image_w, image_h, num_boxes, boxes, features``,
-    the last two base64 float32). Indexes the byte offset of every image once."""
+    the last two base64 float32). Indexes the byte offset of every image once; an image id on
+    two rows raises ``ValueError``."""
 
     def __init__(self, path: "os.PathLike[str] | str") -> None:
         self.path = Path(path)
@@ -107,6 +125,9 @@ class TsvFeatures(RegionFeatures):
                         if line.count(b"\t") != len(TSV_FIELDS) - 1 or not head.isdigit():
                             raise ValueError(f"{self.path}: line {lineno} must have the "
                                              f"{len(TSV_FIELDS)} tab-separated fields {TSV_FIELDS}")
+                        if int(head) in self._offsets:
+                            raise ValueError(f"{self.path}: line {lineno} repeats image "
+                                             f"{int(head)}")
                         self._offsets[int(head)] = offset
                     offset += len(line)
         except OSError as e:
@@ -129,8 +150,8 @@ class TsvFeatures(RegionFeatures):
         if n <= 0 or features.size % n:
             raise ValueError(f"{self.path}: image {image_id} has {features.size} feature values "
                              f"for num_boxes={n}")
-        features = _checked_features(self.path, features.reshape(n, -1))
-        return features, _normalised_boxes(self.path, boxes, n, width, height)
+        features = _checked_features(self.path, image_id, features.reshape(n, -1))
+        return features, _normalised_boxes(self.path, image_id, boxes, n, width, height)
 
 
 def open_region_features(source: "os.PathLike[str] | str") -> RegionFeatures:

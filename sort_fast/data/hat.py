@@ -13,12 +13,24 @@ from PIL import Image, UnidentifiedImageError
 __all__ = ["load_hat_maps", "regions_to_map"]
 
 _HAT_NAME = re.compile(r"^(\d+)_(\d+)\.png$")
+# Pillow opens 16-bit grey PNGs as "I;16" (older versions as "I"); PNG samples have <= 16 bits
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")
+
+
+def _grey(img: Image.Image, size: int) -> np.ndarray:
+    """``img`` as ``[size, size]`` float32 in [0, 1], scaled by its bit depth."""
+    if img.mode in _SIXTEEN_BIT:
+        wide = Image.fromarray(np.asarray(img, dtype=np.float32))
+        return np.asarray(wide.resize((size, size), Image.BILINEAR)) / np.float32(65535.0)
+    small = img.convert("L").resize((size, size), Image.BILINEAR)
+    return np.asarray(small, dtype=np.float32) / 255.0
 
 
 def load_hat_maps(directory: "os.PathLike[str] | str", size: int = 14,
                   question_ids: Optional[Collection[int]] = None) -> Dict[int, np.ndarray]:
     """``{question_id: [size, size] float32 in [0, 1]}``: every ``{question_id}_{k}.png`` of
-    ``directory`` resized (bilinear) to ``size x size``, then averaged over ``k``.
+    ``directory`` (8- or 16-bit, scaled by its bit depth) resized (bilinear) to ``size x size``,
+    then averaged over ``k``.
     ``question_ids`` restricts the questions read."""
     directory = Path(directory)
     if not directory.is_dir():
@@ -34,10 +46,9 @@ def load_hat_maps(directory: "os.PathLike[str] | str", size: int = 14,
         for path in paths:
             try:
                 with Image.open(path) as img:
-                    small = img.convert("L").resize((size, size), Image.BILINEAR)
+                    total += _grey(img, size)
             except (OSError, UnidentifiedImageError) as e:
                 raise ValueError(f"{path}: not a readable PNG ({e})") from None
-            total += np.asarray(small, dtype=np.float32) / 255.0
         maps[qid] = total / len(paths)
     return maps
 

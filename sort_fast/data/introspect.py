@@ -30,17 +30,27 @@ def _check(ok: bool, path: PathLike, what: str) -> None:
         raise ValueError(f"{path}: {what}")
 
 
-def _records(path: PathLike, key: str, fields: Dict[str, type]) -> List[dict]:
-    """``data[key]``: a list of dicts with the typed ``fields``."""
+def _is(value: Any, kind: type) -> bool:
+    """``isinstance`` that does not take a JSON ``true``/``false`` for a number."""
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def _records(path: PathLike, key: str, fields: Dict[str, type]) -> Dict[int, dict]:
+    """``data[key]``: a list of dicts with the typed ``fields``, by their unique
+    ``question_id`` (VQAv2 has one question and one annotation per id)."""
     data = _load_json(path)
     _check(isinstance(data, dict) and isinstance(data.get(key), list), path,
            f"expected a JSON object with a list {key!r}")
+    by_id: Dict[int, dict] = {}
     for i, rec in enumerate(data[key]):
         _check(isinstance(rec, dict), path, f"{key}[{i}] is not an object")
         for name, kind in fields.items():
-            _check(isinstance(rec.get(name), kind), path,
+            _check(_is(rec.get(name), kind), path,
                    f"{key}[{i}] needs {name!r} of type {kind.__name__}")
-    return data[key]
+        qid = rec["question_id"]
+        _check(qid not in by_id, path, f"{key}[{i}] repeats question_id {qid}")
+        by_id[qid] = rec
+    return by_id
 
 
 def _question_key(text: str) -> str:
@@ -66,7 +76,9 @@ class IntrospectDataset(Sequence[Group]):
     no group. ``answer_vocab``: a :class:`Vocab`, a file (one answer per line) or ``None`` to
     build it from these annotations and sub-answers (answers seen ``>= min_answer_count``
     times). ``question_vocab``: a :class:`Vocab` or ``None`` to build it from these questions.
-    Malformed or missing files raise ``ValueError`` naming the file.
+    Malformed or missing files raise ``ValueError`` naming the file, and so does inconsistent
+    data: a question id twice in ``questions`` or ``annotations``, a reasoning question whose
+    image differs between VQA-Introspect and VQAv2, a JSON bool where an id is expected.
     """
 
     def __init__(self, introspect: PathLike, questions: PathLike, annotations: PathLike,
@@ -74,28 +86,34 @@ class IntrospectDataset(Sequence[Group]):
                  question_vocab: Optional[Vocab] = None, *, min_answer_count: int = 1) -> None:
         plans = self._read_introspect(introspect)
         images = {image_id for _, image_id, _, _, _ in plans}
+        vqa_questions = _records(questions, "questions",
+                                 {"question_id": int, "image_id": int, "question": str})
+        for _, image_id, qid, _, _ in plans:
+            rec = vqa_questions.get(qid)
+            if rec is not None and rec["image_id"] != image_id:
+                raise ValueError(f"{introspect}: question {qid} is on image {image_id} here but "
+                                 f"on image {rec['image_id']} in {questions}")
         by_image: Dict[int, List[Tuple[int, str]]] = {}
-        for rec in _records(questions, "questions",
-                            {"question_id": int, "image_id": int, "question": str}):
+        for rec in vqa_questions.values():
             if rec["image_id"] in images:
                 by_image.setdefault(rec["image_id"], []).append((rec["question_id"],
                                                                  rec["question"]))
         wanted = {qid for _, _, qid, _, _ in plans} | {
             qid for qs in by_image.values() for qid, _ in qs}
         human: Dict[int, Answers] = {}
-        for i, rec in enumerate(_records(annotations, "annotations",
-                                         {"question_id": int, "answers": list})):
-            if rec["question_id"] not in wanted:
+        for qid, rec in _records(annotations, "annotations",
+                                 {"question_id": int, "answers": list}).items():
+            if qid not in wanted:
                 continue
             answers = rec["answers"]
             _check(len(answers) > 0 and all(isinstance(a, dict) and isinstance(a.get("answer"), str)
                                             for a in answers), annotations,
-                   f"annotations[{i}]['answers'] must be objects with a string 'answer'")
+                   f"question {qid}: 'answers' must be objects with a string 'answer'")
             humans = tuple(normalize_answer(a["answer"]) for a in answers)
             best = rec.get("multiple_choice_answer")
             gt = normalize_answer(best) if isinstance(best, str) else Counter(humans).most_common(
                 1)[0][0]
-            human[rec["question_id"]] = (gt, humans)
+            human[qid] = (gt, humans)
 
         self._groups: List[Tuple[int, List[str], List[str], List[Answers], int]] = []
         for text, image_id, qid, fallback, subs in plans:
@@ -142,7 +160,7 @@ class IntrospectDataset(Sequence[Group]):
             where = f"entry {key!r}"
             _check(key.isdigit(), path, f"{where}: keys must be VQAv2 question ids")
             _check(isinstance(entry, dict) and isinstance(entry.get("reasoning_question"), str)
-                   and isinstance(entry.get("image_id"), int)
+                   and _is(entry.get("image_id"), int)
                    and isinstance(entry.get("introspect"), list), path,
                    f"{where} needs 'reasoning_question' (str), 'image_id' (int) and "
                    "'introspect' (list)")

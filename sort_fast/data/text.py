@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import unicodedata
 from collections import Counter
+from functools import lru_cache
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
@@ -22,12 +25,24 @@ __all__ = [
 
 PAD, UNK = "<pad>", "<unk>"
 
-_TOKEN = re.compile(r"[a-z0-9]+|'[a-z]+")
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u02bc": "'"})
+
+
+@lru_cache(maxsize=None)
+def _token_pattern() -> "re.Pattern[str]":
+    """Words (letters, digits and combining marks, so Devanagari or Thai words stay whole) and
+    clitics (an apostrophe and letters). On ASCII text this is ``[a-z0-9]+|'[a-z]+``."""
+    marks = "".join(chr(c) for c in range(sys.maxunicode + 1)
+                    if unicodedata.category(chr(c)).startswith("M"))
+    marks = re.escape(marks)
+    return re.compile(rf"(?:[^\W_]|[{marks}])+|'(?:[^\W\d_]|[{marks}])+")
 
 
 def tokenize(text: str) -> List[str]:
-    """Lower-cased word tokens; clitics are split off (``"what's" -> ["what", "'s"]``)."""
-    return _TOKEN.findall(text.lower())
+    """Case-folded Unicode word tokens after NFKC normalisation; clitics are split off
+    (``"what's" -> ["what", "'s"]``, ``"Café?" -> ["café"]``)."""
+    text = unicodedata.normalize("NFKC", text).translate(_APOSTROPHES).casefold()
+    return _token_pattern().findall(text)
 
 
 class Vocab:
