@@ -70,7 +70,7 @@ PATHS = {"closed": gradcam_closed, "autograd_onehot": gradcam_onehot, "autograd_
 
 
 def sort_loss(scores: torch.Tensor, G: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Contrastive gradient loss (SPEC §3) of the equal-size groups plus BCE on the scores."""
+    """Contrastive gradient loss (docs/math.md) of the equal-size groups plus BCE on the scores."""
     offsets = torch.arange(0, ROWS + 1, GROUP, device=G.device)
     num_sub = torch.full((ROWS // GROUP,), NUM_SUB, device=G.device)
     return (vectorized_hinge(G, offsets, num_sub)

@@ -1,4 +1,4 @@
-"""Grad-CAM vectors of any named layer through a forward hook (SPEC §1).
+"""Grad-CAM vectors of any named layer through a forward hook (docs/math.md).
 
 ``G = dy_c/dA * A`` for the activation ``A`` of a layer of any model, differentiable (second
 order), for heads without a closed form (see ``sort_fast.ops.head_gradcam`` for those).

@@ -1,4 +1,4 @@
-"""Classifier heads whose Grad-CAM has a closed form (SPEC §4)."""
+"""Classifier heads whose Grad-CAM has a closed form (docs/math.md)."""
 from __future__ import annotations
 
 from typing import Optional

@@ -1,4 +1,4 @@
-"""VQA-Introspect + VQAv2 + region features as groups (SPEC §8)."""
+"""VQA-Introspect + VQAv2 + region features as groups (docs/data_formats.md)."""
 from __future__ import annotations
 
 import json

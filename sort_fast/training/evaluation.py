@@ -1,4 +1,4 @@
-"""The evaluation used by both ``sort_fast.train`` and ``sort_fast.evaluate`` (SPEC §5).
+"""The evaluation used by both ``sort_fast.train`` and ``sort_fast.evaluate`` (docs/metrics.md).
 
 On the validation groups: consistency quadrants and per-role accuracy (pooled
 :class:`~sort_fast.metrics.ConsistencyMeter`), ranking metrics of the Grad-CAM similarities at
