@@ -1,6 +1,6 @@
-"""Bottom-up-attention region features (docs/data_formats.md): a directory of per-image ``.npy`` files (with
-optional ``_info.npy``) or the original TSV. Both index the files once and read one image on
-demand."""
+"""Bottom-up-attention region features (docs/data_formats.md): a directory of per-image
+``.npy`` files (with optional ``_info.npy``) or the original TSV. Both index the files once and
+read one image on demand."""
 from __future__ import annotations
 
 import base64
