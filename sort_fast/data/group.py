@@ -140,7 +140,12 @@ class PackedBatch:
                               for k, v in values.items()})
 
     def _map_validated(self, fn) -> "PackedBatch":
-        """``_map``, keeping what was validated about the layout and classes (no new sync)."""
+        """``_map``, keeping what was validated about the layout and classes (no new sync).
+        A CPU batch is (re)validated first, where that costs no device sync: a batch packed
+        in a ``DataLoader`` worker reaches this process as new tensor objects."""
+        if self.offsets.device.type == "cpu":
+            check_layout(self.offsets, self.num_sub, self.num_questions)
+            class_range(self.classes)
         out = self._map(fn)
         carry_facts((self.offsets, self.num_sub, self.classes),
                     (out.offsets, out.num_sub, out.classes))

@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
-from ..data import Group, IntrospectDataset, SyntheticIntrospect, Vocab
+from ..data import Group, IntrospectDataset, SyntheticIntrospect, Vocab, collate_groups
 from ..models import PythiaConfig
 from .config import CLIError, require_all
 
-__all__ = ["Datasets", "DataOrder", "load_train_data", "load_val_data", "model_config"]
+__all__ = ["Datasets", "DataOrder", "StepBatchSampler", "make_loader", "load_train_data",
+           "load_val_data", "model_config"]
 
 TRAIN_FILES = ("introspect", "vqa_questions", "vqa_annotations", "features")
 VAL_FILES = ("val_introspect", "val_vqa_questions", "val_vqa_annotations", "val_features")
@@ -145,3 +146,33 @@ class DataOrder:
             if state[key] != getattr(self, key):
                 raise CLIError(f"cannot resume: the checkpoint's data order has {key}="
                                f"{state[key]}, this run {getattr(self, key)}")
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """The group indices of steps ``start .. stop-1`` for process ``rank`` of ``world_size``
+    (:meth:`DataOrder.indices`), as a ``DataLoader`` ``batch_sampler``: the batches are a pure
+    function of the step, so a resumed run reads exactly the batches an uninterrupted one
+    would, whatever the number of loader workers."""
+
+    def __init__(self, order: DataOrder, start: int, stop: int, rank: int = 0,
+                 world_size: int = 1) -> None:
+        self.order, self.start, self.stop = order, start, stop
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self) -> Iterator[List[int]]:
+        for step in range(self.start, self.stop):
+            yield self.order.indices(step, self.rank, self.world_size)
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+
+def make_loader(groups: Sequence[Group], sampler: StepBatchSampler, *, workers: int,
+                pin_memory: bool) -> torch.utils.data.DataLoader:
+    """A ``DataLoader`` of packed batches (:func:`~sort_fast.data.collate_groups`, which also
+    validates each batch on the CPU): ``workers`` processes read and pack the groups ahead of
+    the training step (real data reads its region features there)."""
+    return torch.utils.data.DataLoader(
+        groups, batch_sampler=sampler, collate_fn=collate_groups, num_workers=workers,
+        pin_memory=pin_memory, persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None)
