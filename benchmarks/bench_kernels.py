@@ -8,6 +8,8 @@ percentiles), beside the fraction of the HBM floor each loss kernel pass reaches
   bf16. Floor = bytes that must move (forward reads grad and act, backward also writes both
   gradients) / the copy bandwidth measured here (``torch.Tensor.copy_`` of a 1 GiB buffer).
   Two runs of forward + backward are compared bit for bit (no atomics: deterministic).
+* ``sweep``: the loss kernels' forward + backward time at ``pythia`` for other tile settings
+  (``BLOCK_Q``, widest ``BLOCK_D``, warps) than the shipped ones: evidence for the next choice.
 * ``head``: closed-form head Grad-CAM (``head_gradcam``) against autograd double backward
   (``autograd.grad(..., create_graph=True)``) for the Pythia classifier, forward + backward of
   a loss on G, fp32 and bf16.
@@ -85,6 +87,37 @@ def loss_rows(bandwidth: float) -> List[dict]:
     return rows
 
 
+SWEEP = [(16, 256, 4), (8, 256, 4), (16, 128, 4), (8, 512, 4), (16, 512, 8), (32, 256, 8)]
+
+
+def sweep_rows() -> List[dict]:
+    """fwd + bwd kernel time at ``pythia`` for each ``(BLOCK_Q, MAX_BLOCK_D, NUM_WARPS)``."""
+    from sort_fast.ops import contrastive_loss_kernels as k
+
+    shipped = (k.BLOCK_Q, k.MAX_BLOCK_D, k.NUM_WARPS)
+    offsets, num_sub = packed_layout(SIZES["pythia"], device=torch.device("cuda"))
+    t = int(offsets[-1])
+    rows = []
+    try:
+        for name, dtype in DTYPES.items():
+            grad = torch.randn(t, DIM, device="cuda").to(dtype)
+            act = torch.rand(t, DIM, device="cuda").to(dtype)
+            for block_q, block_d, warps in SWEEP:
+                k.BLOCK_Q, k.MAX_BLOCK_D, k.NUM_WARPS = block_q, block_d, warps
+                _, cos, norm, weight = k.forward(grad, act, offsets, num_sub, 0.0, 1e-8, True)
+                scale = torch.ones(num_sub.numel(), device="cuda")
+
+                def both():
+                    k.forward(grad, act, offsets, num_sub, 0.0, 1e-8, True)
+                    k.backward(grad, act, offsets, cos, norm, weight, scale, 1e-8)
+
+                rows.append(dict(dtype=name, block_q=block_q, max_block_d=block_d, warps=warps,
+                                 shipped=(block_q, block_d, warps) == shipped, **bench(both)))
+    finally:
+        k.BLOCK_Q, k.MAX_BLOCK_D, k.NUM_WARPS = shipped
+    return rows
+
+
 def head_rows() -> List[dict]:
     torch.manual_seed(0)
     offsets, num_sub = packed_layout(64, device=torch.device("cuda"))
@@ -119,10 +152,16 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['size']} | {r['dtype']} | {r['rows']} | {r['forward']['ms']:.4f} | "
                      f"{r['backward']['ms']:.4f} | {r['floor_ms']:.4f} | "
                      f"{r['floor_fraction']:.0%} | {r['bitwise_repeatable']} |")
+    lines += ["", "| sweep dtype | BLOCK_Q | max BLOCK_D | warps | fwd+bwd ms | shipped |",
+              "|---|---|---|---|---|---|"]
+    for r in result["sweep"]:
+        lines.append(f"| {r['dtype']} | {r['block_q']} | {r['max_block_d']} | {r['warps']} | "
+                     f"{r['ms']:.4f} | {'yes' if r['shipped'] else ''} |")
     lines += ["", "| head dtype | closed ms | autograd ms | speed-up |", "|---|---|---|---|"]
     for r in result["head"]:
         lines.append(f"| {r['dtype']} | {r['closed']['ms']:.3f} | {r['autograd']['ms']:.3f} | "
                      f"{r['speedup']:.2f}x |")
+    lines += [f"\nerror in {name}: {message}" for name, message in result["errors"].items()]
     return "\n".join(lines)
 
 
@@ -135,8 +174,14 @@ def main() -> int:
         return 2
     os.makedirs(args.out, exist_ok=True)
     bandwidth = copy_bandwidth()
-    result = dict(gpu=torch.cuda.get_device_name(), bandwidth=bandwidth,
-                  loss=loss_rows(bandwidth), head=head_rows())
+    result = dict(gpu=torch.cuda.get_device_name(), bandwidth=bandwidth, errors={})
+    # each part on its own: one that fails leaves the others' numbers
+    for name, part in (("loss", lambda: loss_rows(bandwidth)), ("sweep", sweep_rows),
+                       ("head", head_rows)):
+        try:
+            result[name] = part()
+        except Exception as e:  # recorded in the output, not lost
+            result[name], result["errors"][name] = [], f"{type(e).__name__}: {e}"
     with open(os.path.join(args.out, "kernels.json"), "w") as f:
         json.dump(result, f, indent=1)
     text = markdown(result)

@@ -35,6 +35,8 @@ from ._launch import Launch, run_launches
 BLOCK_Q = 16
 # Widest column chunk (one program's share of a row) for 4-byte and 2-byte inputs.
 MAX_BLOCK_D = 256
+# Warps per program.
+NUM_WARPS = 4
 
 
 def launch_config(dim: int, dtype: torch.dtype) -> Dict[str, int]:
@@ -47,7 +49,7 @@ def launch_config(dim: int, dtype: torch.dtype) -> Dict[str, int]:
     widest = MAX_BLOCK_D if dtype.itemsize <= 4 else MAX_BLOCK_D // 2
     block_d = min(widest, max(16, triton.next_power_of_2(dim)))
     return dict(D=dim, BLOCK_Q=BLOCK_Q, BLOCK_D=block_d, N_CHUNKS=triton.cdiv(dim, block_d),
-                num_warps=4)
+                num_warps=NUM_WARPS)
 
 
 def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
