@@ -15,7 +15,7 @@ import torch
 
 from .data import Vocab
 from .models import PythiaConfig, PythiaVQA
-from .training.checkpoint import load_checkpoint
+from .training.checkpoint import MODEL_KEYS, load_checkpoint
 from .training.config import build_evaluate_parser, run_command
 from .training.data import load_val_data
 from .training.distributed import resolve_device
@@ -29,7 +29,7 @@ PROG = "python -m sort_fast.evaluate"
 
 def evaluate_checkpoint(args) -> Dict[str, Any]:
     """Evaluates ``args.checkpoint`` as the flags say; returns the metrics."""
-    state = load_checkpoint(args.checkpoint)
+    state = load_checkpoint(args.checkpoint, MODEL_KEYS)
     out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
     log = setup_logging(None)

@@ -4,18 +4,25 @@ Without arguments it trains full SOrT on the embedded synthetic benchmark (a few
 laptop CPU) and prints the evaluation table. See ``--help`` for every flag. Multi-process:
 ``torchrun --nproc_per_node=K -m sort_fast.train ...`` (each process takes a disjoint shard of
 every step's groups; gradients are averaged with ``all_reduce``; rank 0 writes the outputs).
+
+A trainer holds a lock on its ``--out`` folder (a second one there is refused). SIGINT or
+SIGTERM ends the current step, saves the checkpoint and prints the command that resumes the
+run (exit 128 + the signal number); a second signal stops at once.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
+import json
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -23,12 +30,15 @@ from tqdm.auto import tqdm
 
 from .data import collate_groups
 from .models import PythiaConfig, PythiaVQA
-from .training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .training.config import METHOD_NAMES, CLIError, build_train_parser, run_command
+from .training.checkpoint import (MODEL_KEYS, TRAINING_KEYS, load_checkpoint, lock_run_dir,
+                                  remove_stale_temp_files, rng_state, save_checkpoint,
+                                  set_rng_state)
+from .training.config import (METHOD_NAMES, CLIError, Interrupted, build_train_parser,
+                              command_line, run_command)
 from .training.data import DataOrder, Datasets, load_train_data, model_config
 from .training.distributed import (DistContext, average_gradients, broadcast_parameters,
                                    close_distributed, gather_objects, init_distributed)
-from .training.evaluation import evaluate, load_hat, write_report
+from .training.evaluation import evaluate, format_table, load_hat, write_report
 from .training.logs import JsonLog, setup_logging
 from .training.objective import Objective
 
@@ -36,6 +46,9 @@ __all__ = ["main", "train", "TrainResult"]
 
 PROG = "python -m sort_fast.train"
 CHECKPOINT = "checkpoint.pt"
+# what a fresh start (not --resume) removes of an earlier run in the same --out (the checkpoint
+# is replaced atomically by the first save)
+RUN_OUTPUTS = ("log.jsonl", "train.log", "metrics.json", "table1.md")
 # flags that change the trajectory: a resumed run must use the checkpoint's values
 TRAJECTORY_FLAGS = (
     "seed", "batch_groups", "loss", "lambda_reasoning", "lambda_sub", "lambda_irrelevant",
@@ -67,7 +80,7 @@ def _build_model(args: argparse.Namespace, data: Datasets) -> PythiaVQA:
     """A fresh model, or the weights of ``--init`` (whose sizes and vocabulary must fit)."""
     if args.init is None:
         return PythiaVQA(model_config(args, data))
-    state = load_checkpoint(args.init)
+    state = load_checkpoint(args.init, MODEL_KEYS)
     if state["vocab"] != data.vocab.tokens or state["answer_vocab"] != data.answer_vocab.tokens:
         raise CLIError(f"--init {args.init}: its vocabulary differs from this data's")
     model = PythiaVQA(PythiaConfig(**state["model_config"]))
@@ -98,30 +111,81 @@ def _postfix(parts: Dict[str, float], groups_per_s: float) -> str:
     return " ".join(f"{k}={v:.3g}" for k, v in parts.items()) + f" {groups_per_s:.0f} grp/s"
 
 
-def train(args: argparse.Namespace) -> TrainResult:
-    """Runs training as the flags (of :func:`build_train_parser`) say."""
-    ctx = init_distributed(args.device, args.threads)
+@contextlib.contextmanager
+def _catch_signals() -> Iterator[List[int]]:
+    """While in the block, SIGINT and SIGTERM are appended to the yielded list (the training
+    loop saves and stops at the end of its step); a second one raises KeyboardInterrupt.
+    Signal handlers exist only in the main thread: elsewhere nothing is caught."""
+    caught: List[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+
+    def handle(signum: int, frame: Any) -> None:
+        if caught:
+            raise KeyboardInterrupt
+        caught.append(signum)
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return _train(args, ctx)
+        yield caught
     finally:
-        close_distributed(ctx)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
-def _train(args: argparse.Namespace, ctx: DistContext) -> TrainResult:
+def _finished_report(out: Path, step: int) -> Optional[Dict[str, Any]]:
+    """``metrics.json`` of a run that finished at ``step``, if its report was written."""
+    try:
+        report = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) and report.get("step") == step else None
+
+
+@contextlib.contextmanager
+def _run_folder(args: argparse.Namespace, ctx: DistContext) -> Iterator[Path]:
+    """Checks ``--out`` against ``--resume``/``--overwrite`` and, on rank 0, holds the folder's
+    lock for the block, removes temporary files of processes that died while writing and, for
+    a fresh start, the earlier run's outputs."""
     out = Path(args.out)
     ckpt_path = out / CHECKPOINT
     if ckpt_path.exists() and not (args.resume or args.overwrite):
         raise CLIError(f"{ckpt_path} exists: pass --resume to continue that run, --overwrite "
                        "to start afresh, or another --out")
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    if args.resume and not ckpt_path.exists():
+        raise CLIError(f"--resume: {ckpt_path} does not exist")
+    if not ctx.is_main:
+        yield out
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with lock_run_dir(out):
+        remove_stale_temp_files(out)
+        if not args.resume:
+            from .training.plots import CURVES, PLOTS  # imports matplotlib
+
+            for name in (*RUN_OUTPUTS, *PLOTS, CURVES):
+                (out / name).unlink(missing_ok=True)
+        yield out
+
+
+def train(args: argparse.Namespace) -> TrainResult:
+    """Runs training as the flags (of :func:`build_train_parser`) say."""
+    ctx = init_distributed(args.device, args.threads)
+    try:
+        with _run_folder(args, ctx) as out:
+            return _train(args, ctx, out)
+    finally:
+        close_distributed(ctx)
+
+
+def _train(args: argparse.Namespace, ctx: DistContext, out: Path) -> TrainResult:
+    ckpt_path = out / CHECKPOINT
     log = setup_logging(out / "train.log" if ctx.is_main else None, quiet=not ctx.is_main)
     jsonl = JsonLog(out / "log.jsonl")
     resume = None
     if args.resume:
-        if not ckpt_path.exists():
-            raise CLIError(f"--resume: {ckpt_path} does not exist")
-        resume = load_checkpoint(ckpt_path)
+        resume = load_checkpoint(ckpt_path, TRAINING_KEYS)
         _check_resume(args, resume["config"])
 
     random.seed(args.seed)
@@ -168,12 +232,12 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> TrainResult:
         if ctx.is_main:
             jsonl.truncate_after(step)
         log.info("resumed from %s at step %d", ckpt_path, step)
-    elif ctx.is_main:
-        jsonl.path.unlink(missing_ok=True)
 
     def save() -> None:
         rngs = gather_objects(rng_state(), ctx)  # collective: every rank takes part
-        if ctx.is_main:
+        if not ctx.is_main:
+            return
+        try:
             save_checkpoint({
                 "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": rngs, "data": order.state(step),
@@ -181,6 +245,17 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> TrainResult:
                 "config": vars(args), "model_config": dataclasses.asdict(model.config),
                 "vocab": data.vocab.tokens, "answer_vocab": data.answer_vocab.tokens,
                 "source": data.source, "method": method}, ckpt_path)
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+            reason = next(iter(str(e).splitlines()), type(e).__name__)
+            raise CLIError(f"cannot write {ckpt_path} ({reason}): the disk may be full; the "
+                           "previous checkpoint is kept") from None
+
+    def stop_signal(caught: List[int], sync_point: bool) -> int:
+        """The signal to stop on after this step (0: none). Processes agree on it at
+        ``sync_point`` steps (one collective), so that every rank stops at the same step."""
+        if not ctx.distributed:
+            return caught[0] if caught else 0
+        return max(gather_objects(caught[0] if caught else 0, ctx)) if sync_point else 0
 
     def run_eval():
         return evaluate(model, data.val, batch_groups=args.batch_groups, device=ctx.device,
@@ -211,50 +286,64 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> TrainResult:
             bar.set_postfix_str(_postfix(parts, record["groups_per_s"]), refresh=False)
         pending.clear()
 
+    start, finished = step, step >= total
     groups_seen, t_train = 0, time.perf_counter()
-    while step < total:
-        model.train()
-        indices = order.indices(step, ctx.rank, ctx.world_size)
-        batch = collate_groups([data.train[i] for i in indices]).to(ctx.device)
-        optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            loss, parts = step_loss(model, batch)
-        scaler.scale(loss).backward()
-        average_gradients(model, ctx)
-        if args.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            parts["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                                args.grad_clip).detach()
-        lr = optimizer.param_groups[0]["lr"]
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        step += 1
-        groups_seen += order.batch_groups
-        pending.append((step, {"event": "train", "step": step, "epoch": order.epoch(step - 1),
-                               "lr": lr,
-                               "groups_per_s": groups_seen / (time.perf_counter() - t_train)},
-                        parts))
-        if ctx.is_main:
-            bar.update(1)
-        evaluate_now = (args.eval_every and step % args.eval_every == 0 and step < total
-                        and ctx.is_main)
-        save_now = (args.save_every and step % args.save_every == 0) or step == total
-        if step % args.log_every == 0 or evaluate_now or save_now:
-            flush()  # before a save: a non-finite loss never reaches a checkpoint
-        if evaluate_now:
-            metrics = run_eval().metrics
-            jsonl.write({"event": "eval", "step": step, **metrics})
-            log.info("step %d: consistency %.2f%%, reasoning acc %.2f%%, MP@1 %.2f, MRR %.2f",
-                     step, 100 * metrics["consistency"], 100 * metrics["reasoning_accuracy"],
-                     100 * metrics["mp1"], 100 * metrics["mrr"])
-        if save_now:
-            save()
+    with _catch_signals() as caught:
+        while step < total:
+            model.train()
+            indices = order.indices(step, ctx.rank, ctx.world_size)
+            batch = collate_groups([data.train[i] for i in indices]).to(ctx.device)
+            optimizer.zero_grad(set_to_none=True)
+            with autocast:
+                loss, parts = step_loss(model, batch)
+            scaler.scale(loss).backward()
+            average_gradients(model, ctx)
+            if args.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                parts["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                                    args.grad_clip).detach()
+            lr = optimizer.param_groups[0]["lr"]
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            groups_seen += order.batch_groups
+            pending.append((step, {"event": "train", "step": step, "epoch": order.epoch(step - 1),
+                                   "lr": lr,
+                                   "groups_per_s": groups_seen / (time.perf_counter() - t_train)},
+                            parts))
+            if ctx.is_main:
+                bar.update(1)
+            evaluate_now = (args.eval_every and step % args.eval_every == 0 and step < total
+                            and ctx.is_main)
+            save_now = (args.save_every and step % args.save_every == 0) or step == total
+            stop = stop_signal(caught, step % args.log_every == 0 or save_now)
+            if step % args.log_every == 0 or evaluate_now or save_now or stop:
+                flush()  # before a save: a non-finite loss never reaches a checkpoint
+            if evaluate_now:
+                metrics = run_eval().metrics
+                jsonl.write({"event": "eval", "step": step, **metrics})
+                log.info("step %d: consistency %.2f%%, reasoning acc %.2f%%, MP@1 %.2f, MRR %.2f",
+                         step, 100 * metrics["consistency"], 100 * metrics["reasoning_accuracy"],
+                         100 * metrics["mp1"], 100 * metrics["mrr"])
+            if save_now or stop:
+                save()
+            if stop:
+                bar.close()
+                prog = (PROG if not ctx.distributed else
+                        f"torchrun --nproc_per_node={ctx.world_size} -m sort_fast.train")
+                raise Interrupted(stop, step, command_line(
+                    prog, build_train_parser(), args, resume=True, overwrite=False))
     bar.close()
     if ctx.is_main and groups_seen:
-        log.info("trained %d steps in %.1fs", total, time.perf_counter() - t_train)
+        log.info("trained %d steps in %.1fs", step - start, time.perf_counter() - t_train)
     if not ctx.is_main:
         return TrainResult(model, None)
+    report = _finished_report(out, step) if finished else None
+    if report is not None:
+        log.info("the run in %s had already finished (step %d); its report is kept", out, step)
+        print(format_table(report["metrics"], report["method"]), flush=True)
+        return TrainResult(model, report["metrics"])
     result = run_eval()
     jsonl.write({"event": "eval", "step": step, **result.metrics})
     table = write_report(result, out, method=method, extra={"step": step})

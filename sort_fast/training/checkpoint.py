@@ -1,20 +1,39 @@
-"""Atomic checkpoint files and the random-number-generator state they carry."""
+"""Atomic, checksummed checkpoint files, the run-folder lock, and the random-number-generator
+state checkpoints carry.
+
+A checkpoint is a plain ``torch.save`` dict with a ``"sha256"`` entry: the SHA-256 of its
+content (every other entry, tensors by dtype, shape and bytes, other values by ``repr``), so
+``torch.load`` still reads it and a damaged tensor record is caught on load.
+"""
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import hashlib
+import logging
 import os
 import random
+import re
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, Dict, Iterator, Sequence, Union
 
 import numpy as np
 import torch
 
 from .config import CLIError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "atomic_write"]
+__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "atomic_write",
+           "content_digest", "lock_run_dir", "remove_stale_temp_files", "MODEL_KEYS",
+           "TRAINING_KEYS"]
 
 PathLike = Union[str, "os.PathLike[str]"]
-FORMAT = 1
+FORMAT = 2  # format 1 (older versions): the same without "sha256"
+# entries a checkpoint written by training holds: enough for the model, and for resuming
+MODEL_KEYS = ("model", "model_config", "vocab", "answer_vocab", "source", "method", "step")
+TRAINING_KEYS = MODEL_KEYS + ("optimizer", "scheduler", "rng", "data", "config")
+LOCK = ".lock"
+TEMP = re.compile(r"\..+\.tmp-(?P<pid>\d+)")
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -33,7 +52,7 @@ def atomic_write(path: PathLike, write: Any) -> None:
     it, renames it over ``path`` and fsyncs the directory. If anything fails the temporary file
     is removed and ``path`` keeps its previous content."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # as TEMP matches
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -46,23 +65,102 @@ def atomic_write(path: PathLike, write: Any) -> None:
     _fsync_dir(path.parent)
 
 
+def _update(h: "hashlib._Hash", obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"tensor {t.dtype} {tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    elif isinstance(obj, dict):
+        h.update(f"dict {len(obj)};".encode())
+        for key, value in obj.items():
+            _update(h, key)
+            _update(h, value)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{type(obj).__name__} {len(obj)};".encode())
+        for value in obj:
+            _update(h, value)
+    else:
+        text = repr(obj)
+        h.update(f"{len(text)}:{text};".encode())
+
+
+def content_digest(state: Dict[str, Any]) -> str:
+    """SHA-256 (hex) of ``state``'s entries other than ``"sha256"``: equal for a state before
+    ``torch.save`` and after ``torch.load``, different when any tensor byte or value changed."""
+    h = hashlib.sha256()
+    _update(h, {k: v for k, v in state.items() if k != "sha256"})
+    return h.hexdigest()
+
+
 def save_checkpoint(state: Dict[str, Any], path: PathLike) -> None:
-    """Writes ``state`` (tensors, numbers, strings, lists, dicts) atomically to ``path``."""
-    atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+    """Writes ``state`` (tensors, numbers, strings, lists, dicts) atomically to ``path``, with
+    the checksum :func:`load_checkpoint` verifies."""
+    state = {"format": FORMAT, **state}
+    state["sha256"] = content_digest(state)
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path: PathLike) -> Dict[str, Any]:
-    """Reads a checkpoint (``weights_only``: no code runs); a missing, truncated or foreign
-    file is a :class:`CLIError` naming it."""
+def load_checkpoint(path: PathLike, keys: Sequence[str] = ()) -> Dict[str, Any]:
+    """Reads a checkpoint (``weights_only``: no code runs) and verifies its checksum; a
+    missing, truncated, damaged or foreign file, or one without the entries ``keys``, is a
+    :class:`CLIError` naming it. A format-1 file (no checksum) is read with a warning."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CLIError(f"{path}: no such checkpoint") from None
     except Exception as e:  # torch raises several types for corrupt files
         raise CLIError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in (1, FORMAT):
         raise CLIError(f"{path}: not a sort_fast checkpoint")
+    if state["format"] == 1:
+        logging.getLogger("sort_fast").warning(
+            "%s has no checksum (written by an older version): its integrity is not checked",
+            path)
+    elif state.get("sha256") != content_digest(state):
+        raise CLIError(f"{path}: damaged checkpoint (its checksum does not match its content)")
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise CLIError(f"{path}: incomplete checkpoint (no {', '.join(missing)})")
     return state
+
+
+@contextlib.contextmanager
+def lock_run_dir(directory: Path) -> Iterator[None]:
+    """Holds an exclusive advisory lock (``flock``) on ``directory``'s lock file for the
+    block; a run folder locked by another process is a :class:`CLIError`."""
+    with open(directory / LOCK, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            f.seek(0)
+            owner = f.read().strip() or "?"
+            raise CLIError(f"{directory} is in use by another run (process {owner}); wait for "
+                           "it to end or choose another --out") from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield  # the lock goes with the file's closing
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temp_files(directory: Path) -> None:
+    """Removes the temporary files of :func:`atomic_write` left in ``directory`` by processes
+    that no longer run (killed during a write)."""
+    for path in directory.iterdir():
+        match = TEMP.fullmatch(path.name)
+        if match and not _alive(int(match["pid"])):
+            path.unlink(missing_ok=True)
 
 
 def rng_state() -> Dict[str, Any]:

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import signal
 import sys
-from typing import Callable, NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
-__all__ = ["CLIError", "OneLineParser", "build_train_parser", "build_evaluate_parser",
-           "require_all", "LOSSES", "METHOD_NAMES"]
+__all__ = ["CLIError", "Interrupted", "OneLineParser", "build_train_parser",
+           "build_evaluate_parser", "command_line", "require_all", "LOSSES", "METHOD_NAMES"]
 
 LOSSES = ("bce", "squint", "sort-sq", "sort")
 METHOD_NAMES = {"bce": "Pythia", "squint": "Pythia + SQuINT", "sort-sq": "Pythia + SOrT (only SQ)",
@@ -23,15 +25,29 @@ class CLIError(Exception):
     checkpoint); the command-line entry points print its message on one line and exit 2."""
 
 
+class Interrupted(Exception):
+    """A run stopped by signal ``signum`` after saving its state; ``resume`` is the command
+    that continues it."""
+
+    def __init__(self, signum: int, step: int, resume: str) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; the "
+                         "checkpoint is saved, resume with:")
+        self.signum, self.resume = signum, resume
+
+
 def run_command(prog: str, command: Callable[[argparse.Namespace], object],
                 args: argparse.Namespace) -> int:
     """Runs an entry point's ``command``: a :class:`CLIError` or ``OSError`` is printed on one
-    line (exit 2), Ctrl-C ends with exit 130; 0 otherwise."""
+    line (exit 2); an :class:`Interrupted` run prints its resume command on the next line and
+    exits 128 + the signal number; Ctrl-C ends with exit 130; 0 otherwise."""
     try:
         command(args)
     except (CLIError, OSError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"{prog}: {e}\n{e.resume}", file=sys.stderr, flush=True)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
@@ -43,6 +59,24 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def command_line(prog: str, parser: argparse.ArgumentParser, args: argparse.Namespace,
+                 **changes: Any) -> str:
+    """The shell command running ``prog`` with ``args`` (flags left at their default omitted),
+    ``changes`` applied (``True``/``False`` for on/off flags)."""
+    values = {**vars(args), **changes}
+    words = [prog]
+    for action in parser._actions:
+        if not action.option_strings or action.dest not in values:
+            continue  # --help
+        value = values[action.dest]
+        if value == action.default:
+            continue
+        words.append(action.option_strings[0])
+        if action.nargs != 0:
+            words.append(shlex.quote(str(value)))
+    return " ".join(words)
 
 
 def _number(kind: Callable[[str], float], low: float, inclusive: bool, what: str
