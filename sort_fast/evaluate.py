@@ -1,4 +1,4 @@
-"""``python -m sort_fast.evaluate CHECKPOINT``: evaluate a trained model.
+"""``python -m sort_fast.evaluate CHECKPOINT|RUN_DIR``: evaluate a trained model.
 
 Computes on the validation groups (those of training unless data flags say otherwise) the
 consistency quadrants, accuracies, Grad-CAM ranking metrics and grounding, with the same
@@ -16,7 +16,7 @@ import torch
 from .data import Vocab
 from .models import PythiaConfig, PythiaVQA
 from .training.checkpoint import MODEL_KEYS, load_checkpoint
-from .training.config import build_evaluate_parser, run_command
+from .training.config import CLIError, build_evaluate_parser, run_command
 from .training.data import load_val_data
 from .training.distributed import resolve_device
 from .training.evaluation import evaluate, load_hat, write_report
@@ -28,7 +28,13 @@ PROG = "python -m sort_fast.evaluate"
 
 
 def evaluate_checkpoint(args) -> Dict[str, Any]:
-    """Evaluates ``args.checkpoint`` as the flags say; returns the metrics."""
+    """Evaluates ``args.checkpoint`` (a checkpoint file or the run folder holding
+    ``checkpoint.pt``) as the flags say; returns the metrics."""
+    if Path(args.checkpoint).is_dir():
+        args.checkpoint = str(Path(args.checkpoint) / "checkpoint.pt")
+        if not Path(args.checkpoint).is_file():
+            raise CLIError(f"{Path(args.checkpoint).parent} holds no checkpoint.pt: is it a "
+                           "run folder (the trainer's --out)?")
     state = load_checkpoint(args.checkpoint, MODEL_KEYS)
     out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "eval"
     out.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,8 @@
 Without arguments it trains full SOrT on the embedded synthetic benchmark (a few minutes on a
 laptop CPU) and prints the evaluation table. See ``--help`` for every flag. Multi-process:
 ``torchrun --nproc_per_node=K -m sort_fast.train ...`` (each process takes a disjoint shard of
-every step's groups; gradients are averaged with ``all_reduce``; rank 0 writes the outputs).
+every step's groups; ``DistributedDataParallel`` averages the gradients; rank 0 writes the
+outputs).
 
 A trainer holds a lock on its ``--out`` folder (a second one there is refused). SIGINT or
 SIGTERM ends the current step, saves the checkpoint and prints the command that resumes the
@@ -28,16 +29,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import collate_groups
 from .models import PythiaConfig, PythiaVQA
 from .training.checkpoint import (MODEL_KEYS, TRAINING_KEYS, load_checkpoint, lock_run_dir,
                                   remove_stale_temp_files, rng_state, save_checkpoint,
                                   set_rng_state)
 from .training.config import (METHOD_NAMES, CLIError, Interrupted, build_train_parser,
-                              command_line, run_command)
-from .training.data import DataOrder, Datasets, load_train_data, model_config
-from .training.distributed import (DistContext, average_gradients, broadcast_parameters,
-                                   close_distributed, gather_objects, init_distributed)
+                              command_line, explicit_flags, run_command)
+from .training.data import (DataOrder, Datasets, StepBatchSampler, load_train_data,
+                            make_loader, model_config)
+from .training.distributed import (DistContext, average_over_processes, close_distributed,
+                                   gather_objects, init_distributed, wrap_model)
 from .training.evaluation import evaluate, format_table, load_hat, write_report
 from .training.logs import JsonLog, setup_logging
 from .training.objective import Objective
@@ -57,6 +58,8 @@ TRAJECTORY_FLAGS = (
     "vqa_questions", "vqa_annotations", "features", "amp",
 )
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# flags about this invocation, never taken from a checkpoint's stored config
+RUN_CONTROL_FLAGS = ("out", "resume", "overwrite", "explicit")
 
 
 @dataclasses.dataclass
@@ -68,12 +71,22 @@ class TrainResult:
     metrics: Optional[Dict[str, Any]]
 
 
-def _check_resume(args: argparse.Namespace, stored: Dict[str, Any]) -> None:
-    for name in TRAJECTORY_FLAGS:
-        if stored.get(name, build_train_parser().get_default(name)) != getattr(args, name):
-            flag = "--" + name.replace("_", "-")
-            raise CLIError(f"cannot resume: the checkpoint was trained with {flag} "
-                           f"{stored.get(name)!r}, this run has {getattr(args, name)!r}")
+def _adopt_stored_flags(args: argparse.Namespace, stored: Dict[str, Any]) -> None:
+    """``--resume`` continues the stored run: every flag not given on this command line takes
+    the checkpoint's value; given flags that would change the training trajectory must match
+    it (all mismatches in one message)."""
+    given = set(getattr(args, "explicit", ()))
+    defaults = build_train_parser()
+    changed = [f"--{name.replace('_', '-')} {stored.get(name, defaults.get_default(name))!r} "
+               f"(this run: {getattr(args, name)!r})" for name in TRAJECTORY_FLAGS
+               if name in given and stored.get(name, defaults.get_default(name))
+               != getattr(args, name)]
+    if changed:
+        raise CLIError("cannot resume: the checkpoint was trained with " + ", ".join(changed)
+                       + "; leave these flags out to continue with the checkpoint's values")
+    for name, value in stored.items():
+        if name not in given and name not in RUN_CONTROL_FLAGS and hasattr(args, name):
+            setattr(args, name, value)
 
 
 def _build_model(args: argparse.Namespace, data: Datasets) -> PythiaVQA:
@@ -186,7 +199,7 @@ def _train(args: argparse.Namespace, ctx: DistContext, out: Path) -> TrainResult
     resume = None
     if args.resume:
         resume = load_checkpoint(ckpt_path, TRAINING_KEYS)
-        _check_resume(args, resume["config"])
+        _adopt_stored_flags(args, resume["config"])
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -201,7 +214,6 @@ def _train(args: argparse.Namespace, ctx: DistContext, out: Path) -> TrainResult
                        f"{ctx.world_size} processes")
     total = args.max_steps or args.epochs * order.steps_per_epoch
     model = _build_model(args, data).to(ctx.device)
-    broadcast_parameters(model, ctx)
     optimizer = torch.optim.Adamax(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup(args.warmup_steps))
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.amp == "fp16")
@@ -242,7 +254,8 @@ def _train(args: argparse.Namespace, ctx: DistContext, out: Path) -> TrainResult
                 "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": rngs, "data": order.state(step),
                 "scaler": scaler.state_dict(),
-                "config": vars(args), "model_config": dataclasses.asdict(model.config),
+                "config": {k: v for k, v in vars(args).items() if k != "explicit"},
+                "model_config": dataclasses.asdict(model.config),
                 "vocab": data.vocab.tokens, "answer_vocab": data.answer_vocab.tokens,
                 "source": data.source, "method": method}, ckpt_path)
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
@@ -267,15 +280,20 @@ def _train(args: argparse.Namespace, ctx: DistContext, out: Path) -> TrainResult
     autocast = (torch.autocast(ctx.device.type, dtype=AMP_DTYPES[args.amp]) if args.amp != "none"
                 else contextlib.nullcontext())
     pending: List[Tuple[int, Dict[str, Any], Dict[str, torch.Tensor]]] = []
+    train_model = wrap_model(model, ctx)
+    batches = iter(make_loader(
+        data.train, StepBatchSampler(order, step, total, ctx.rank, ctx.world_size),
+        workers=args.workers, pin_memory=ctx.device.type == "cuda"))
 
     def flush() -> None:
-        """Reads the pending steps' loss parts from the device (one host sync), checks them
-        and writes their log lines."""
+        """Reads the pending steps' loss parts, averaged over the processes, from the device
+        (one host sync; every process calls it at the same steps), checks them and writes
+        their log lines."""
         if not pending:
             return
         names = list(pending[0][2])
-        values = torch.stack([torch.stack([parts[n].float() for n in names])
-                              for _, _, parts in pending]).tolist()
+        values = average_over_processes(torch.stack([torch.stack([parts[n].float() for n in names])
+                                                     for _, _, parts in pending]), ctx).tolist()
         for (step_done, record, _), row in zip(pending, values):
             parts = dict(zip(names, row))
             if not math.isfinite(parts["loss"]):
@@ -290,14 +308,12 @@ def _train(args: argparse.Namespace, ctx: DistContext, out: Path) -> TrainResult
     groups_seen, t_train = 0, time.perf_counter()
     with _catch_signals() as caught:
         while step < total:
-            model.train()
-            indices = order.indices(step, ctx.rank, ctx.world_size)
-            batch = collate_groups([data.train[i] for i in indices]).to(ctx.device)
+            train_model.train()
+            batch = next(batches).to(ctx.device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             with autocast:
-                loss, parts = step_loss(model, batch)
-            scaler.scale(loss).backward()
-            average_gradients(model, ctx)
+                loss, parts = step_loss(train_model, batch)
+            scaler.scale(loss).backward()  # DDP averages the gradients over the processes
             if args.grad_clip > 0:
                 scaler.unscale_(optimizer)
                 parts["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(),
@@ -314,13 +330,12 @@ def _train(args: argparse.Namespace, ctx: DistContext, out: Path) -> TrainResult
                             parts))
             if ctx.is_main:
                 bar.update(1)
-            evaluate_now = (args.eval_every and step % args.eval_every == 0 and step < total
-                            and ctx.is_main)
+            eval_due = args.eval_every and step % args.eval_every == 0 and step < total
             save_now = (args.save_every and step % args.save_every == 0) or step == total
             stop = stop_signal(caught, step % args.log_every == 0 or save_now)
-            if step % args.log_every == 0 or evaluate_now or save_now or stop:
+            if step % args.log_every == 0 or eval_due or save_now or stop:
                 flush()  # before a save: a non-finite loss never reaches a checkpoint
-            if evaluate_now:
+            if eval_due and ctx.is_main:
                 metrics = run_eval().metrics
                 jsonl.write({"event": "eval", "step": step, **metrics})
                 log.info("step %d: consistency %.2f%%, reasoning acc %.2f%%, MP@1 %.2f, MRR %.2f",
@@ -354,7 +369,9 @@ def _train(args: argparse.Namespace, ctx: DistContext, out: Path) -> TrainResult
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; returns the exit code."""
-    return run_command(PROG, train, build_train_parser().parse_args(argv))
+    args = build_train_parser().parse_args(argv)
+    args.explicit = explicit_flags(build_train_parser, argv)  # what --resume must not override
+    return run_command(PROG, train, args)
 
 
 if __name__ == "__main__":

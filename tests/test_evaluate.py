@@ -135,3 +135,21 @@ def test_missing_checkpoint_and_bad_flag(tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and ("no such file" in err or "--batch-groups" in err)
+
+
+def test_run_folder_is_accepted(trained, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert evaluate_main([str(trained), "--out", str(out)]) == 0
+    assert json.loads((out / "metrics.json").read_text())["step"] == 4
+    capsys.readouterr()
+    assert evaluate_main([str(tmp_path)]) == 2  # a folder without a checkpoint
+    err = capsys.readouterr().err
+    assert "holds no checkpoint.pt" in err and err.count("\n") == 1
+
+
+def test_evaluate_help_speaks_of_evaluation(capsys):
+    with pytest.raises(SystemExit):
+        evaluate_main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "summed over all processes" not in text and "PyTorch backend" not in text
+    assert "run folder" in text and "groups per evaluation batch" in text

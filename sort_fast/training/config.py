@@ -10,7 +10,7 @@ import os
 import shlex
 import signal
 import sys
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, Callable, List, NoReturn, Optional, Sequence
 
 __all__ = ["CLIError", "Interrupted", "OneLineParser", "build_train_parser",
            "build_evaluate_parser", "command_line", "require_all", "LOSSES", "METHOD_NAMES"]
@@ -152,11 +152,14 @@ def _add_eval_data_flags(parser: argparse.ArgumentParser, defaults: bool) -> Non
                             "against them instead of the groups' region grounding")
 
 
-def _add_run_flags(parser: argparse.ArgumentParser) -> None:
-    """Device, batch size and Grad-CAM path, shared by both commands."""
+def _add_run_flags(parser: argparse.ArgumentParser, training: bool) -> None:
+    """Device, batch size and Grad-CAM path, shared by both commands (``training``: the
+    trainer's wording)."""
     parser.add_argument("--batch-groups", type=positive_int, default=64,
-                        help="groups (reasoning question + its sub/irrelevant questions) per "
-                             "step, summed over all processes (default: %(default)s)")
+                        help=("groups (reasoning question + its sub/irrelevant questions) per "
+                              "step, split between the processes of a torchrun launch"
+                              if training else "groups per evaluation batch")
+                        + " (default: %(default)s)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to run; auto picks CUDA when available (default: "
                              "%(default)s)")
@@ -168,7 +171,18 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--naive", action="store_true",
                         help="compute Grad-CAM gradients with plain autograd "
                              "(autograd.grad(create_graph=True)) instead of the closed-form "
-                             "head_gradcam, and the loss with its PyTorch backend")
+                             "head_gradcam" + (", and the loss with its PyTorch backend"
+                                               if training else ""))
+
+
+def explicit_flags(build: Callable[[], argparse.ArgumentParser],
+                   argv: Optional[Sequence[str]]) -> List[str]:
+    """The destinations of the flags given on the command line ``argv`` (not defaulted), from
+    the parser ``build()`` makes."""
+    parser = build()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return sorted(vars(parser.parse_args(sys.argv[1:] if argv is None else argv)))
 
 
 def build_train_parser() -> OneLineParser:
@@ -187,7 +201,7 @@ def build_train_parser() -> OneLineParser:
     sched.add_argument("--epochs", type=positive_int, default=15,
                        help="passes over the training groups when --max-steps is 0 "
                             "(default: %(default)s)")
-    _add_run_flags(sched)
+    _add_run_flags(sched, training=True)
     sched.add_argument("--seed", type=int, default=0,
                        help="seed of initialisation, dropout and data order (default: "
                             "%(default)s)")
@@ -205,13 +219,19 @@ def build_train_parser() -> OneLineParser:
                        help="run the model and the objective of each step under torch.compile "
                             "(the first steps compile; results equal eager's within float "
                             "rounding)")
+    speed.add_argument("--workers", type=non_negative_int, default=0,
+                       help="DataLoader processes that read and pack the next batches while "
+                            "the step runs (0: the training process does it; real data reads "
+                            "its region features there; default: %(default)s)")
     speed.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
                        help="mixed precision: the step under torch.autocast in bfloat16 or "
                             "float16 (fp16 with gradient scaling); default: %(default)s")
     start = sched.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true",
-                       help="continue from OUT/checkpoint.pt (same flags; bit-identical to an "
-                            "uninterrupted run on CPU)")
+                       help="continue the run in OUT from its checkpoint, with the flags stored "
+                            "there (no need to repeat them; a flag given again that would "
+                            "change the training trajectory must match); bit-identical to an "
+                            "uninterrupted run on CPU")
     start.add_argument("--overwrite", action="store_true",
                        help="start afresh even though OUT holds a checkpoint, replacing that "
                             "run's outputs (without it, such an OUT is refused)")
@@ -283,10 +303,12 @@ def build_evaluate_parser() -> OneLineParser:
         prog="python -m sort_fast.evaluate",
         description="Evaluate a checkpoint: consistency quadrants, accuracy, Grad-CAM ranking "
                     "metrics and grounding; writes metrics.json, table1.md and plots.")
-    p.add_argument("checkpoint", type=existing_file, help="a checkpoint.pt written by training")
+    p.add_argument("checkpoint", type=existing_path,
+                   help="a checkpoint.pt written by training, or the run folder holding it "
+                        "(the trainer's --out)")
     p.add_argument("--out", default=None,
                    help="output directory (default: an 'eval' directory beside the checkpoint)")
-    _add_run_flags(p)
+    _add_run_flags(p, training=False)
     p.add_argument("--synthetic-seed", type=int, default=None,
                    help="seed of the synthetic benchmark (default: as in training)")
     p.add_argument("--synthetic-split", choices=("val", "test"), default=None,

@@ -172,7 +172,9 @@ def make_loader(groups: Sequence[Group], sampler: StepBatchSampler, *, workers: 
     """A ``DataLoader`` of packed batches (:func:`~sort_fast.data.collate_groups`, which also
     validates each batch on the CPU): ``workers`` processes read and pack the groups ahead of
     the training step (real data reads its region features there)."""
+    # a generator of its own: starting the loader must not draw from the global RNG, whose
+    # state a resumed run restores (dropout masks stay those of an uninterrupted run)
     return torch.utils.data.DataLoader(
         groups, batch_sampler=sampler, collate_fn=collate_groups, num_workers=workers,
         pin_memory=pin_memory, persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None)
+        prefetch_factor=4 if workers > 0 else None, generator=torch.Generator().manual_seed(0))

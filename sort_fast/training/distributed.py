@@ -1,10 +1,18 @@
-"""Multi-process training through ``torchrun`` and ``torch.distributed``.
+"""Multi-process training through ``torchrun`` and ``DistributedDataParallel``.
 
-Gradients are averaged with ``all_reduce`` after each backward pass instead of wrapping the
-model in ``DistributedDataParallel``: SOrT differentiates through
-``autograd.grad(create_graph=True)``, which DDP's reducer does not support in every case.
-Every process starts from rank 0's parameters and applies the same averaged gradients, so the
-copies stay identical.
+Each process takes a disjoint shard of every step's groups; DDP starts every copy from rank
+0's parameters and averages the gradients in bucketed all-reduces during the backward pass.
+Both Grad-CAM paths work under it: the closed form runs plain differentiable operations, and
+the ``--naive`` path's ``autograd.grad(create_graph=True)`` accumulates no parameter gradient,
+so DDP's hooks fire only in the final backward. Every process ends each step with the same
+weights. A DDP run is not bit-identical to one process training on the whole batch: each
+process averages its loss over its own shard (per role, and over the groups it counts), and
+DDP averages these shard gradients, which weights questions slightly differently when shards
+hold different numbers of questions per role; the gradient is also summed in another order.
+Adamax, which scales each coordinate's step to about the learning rate whatever the size of
+its gradient, turns such small differences in near-zero gradient entries into weight
+differences of the order of the learning rate (4.7e-3 at most after 3 steps at lr 3e-3 with
+2 processes in ``tests/test_train.py``).
 """
 from __future__ import annotations
 
@@ -18,8 +26,8 @@ from torch import nn
 
 from .config import CLIError
 
-__all__ = ["DistContext", "resolve_device", "init_distributed", "broadcast_parameters",
-           "average_gradients", "gather_objects", "close_distributed"]
+__all__ = ["DistContext", "resolve_device", "init_distributed", "wrap_model",
+           "average_over_processes", "gather_objects", "close_distributed"]
 
 
 @dataclass
@@ -69,24 +77,21 @@ def close_distributed(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
-def broadcast_parameters(model: nn.Module, ctx: DistContext) -> None:
-    """Copies rank 0's parameters and buffers to every process."""
-    if ctx.distributed:
-        for t in list(model.parameters()) + list(model.buffers()):
-            dist.broadcast(t.data, src=0)
-
-
-def average_gradients(model: nn.Module, ctx: DistContext) -> None:
-    """Averages every parameter's gradient over the processes (one flat all-reduce)."""
+def wrap_model(model: nn.Module, ctx: DistContext) -> nn.Module:
+    """``model`` in ``DistributedDataParallel`` when several processes train, else itself."""
     if not ctx.distributed:
-        return
-    params = [p for p in model.parameters() if p.requires_grad]
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= ctx.world_size
-    for p, chunk in zip(params, flat.split([g.numel() for g in grads])):
-        p.grad = chunk.view_as(p).clone()
+        return model
+    devices = [ctx.device] if ctx.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=devices)
+
+
+def average_over_processes(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """The mean of ``values`` over the processes (itself for a single process)."""
+    if not ctx.distributed:
+        return values
+    values = values.clone()
+    dist.all_reduce(values)
+    return values / ctx.world_size
 
 
 def gather_objects(obj: Any, ctx: DistContext) -> List[Any]:

@@ -7,6 +7,7 @@ from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from ..data import PackedBatch
 from ..layout import ROLE_SUB, group_ids, row_roles
@@ -80,7 +81,9 @@ class Objective:
         # the closed-form Grad-CAM computes the classifier's scores itself
         out = model(batch, scores=self.sort_loss is None or self.naive)
         if self.sort_loss is not None:
-            scores, grad = gradcam_gradient(model, out, batch.classes, self.naive)
+            # under DistributedDataParallel the classifier is the wrapped module's
+            inner = model.module if isinstance(model, DistributedDataParallel) else model
+            scores, grad = gradcam_gradient(inner, out, batch.classes, self.naive)
             parts = self.sort_loss(scores, batch.targets, grad, out.joint, batch.offsets,
                                    batch.num_sub)
             return parts.total, {"loss": parts.total.detach(),
