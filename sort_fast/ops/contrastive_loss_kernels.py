@@ -23,6 +23,7 @@ kernels on CPU tensors.
 """
 from __future__ import annotations
 
+import functools
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -247,8 +248,10 @@ def forward_launches(
     contrastive: bool,
 ) -> Tuple[List[Launch], Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor],
                                  Optional[torch.Tensor]]]:
-    """The kernel launches of :func:`forward` and the outputs they fill (also what the static
-    GPU check compiles, so that it checks exactly these launches)."""
+    """The kernel launches of the forward and the outputs they fill (also what the static GPU
+    check compiles, so that it checks exactly these launches): per-row ``cos [T]``,
+    ``norm [T]`` and, when ``num_sub`` is given, the per-row loss weights ``dL_g/dc [T]`` and
+    the per-group loss ``[N]``, all in the accumulation dtype; ``grad``/``act`` contiguous."""
     num_rows, dim = grad.shape
     num_groups = offsets.numel() - 1
     acc = accumulation_dtype(grad.dtype, act.dtype)
@@ -283,8 +286,10 @@ def backward_launches(
     group_scale: Optional[torch.Tensor],
     eps: float,
 ) -> Tuple[List[Launch], Tuple[torch.Tensor, torch.Tensor]]:
-    """The kernel launch of :func:`backward` and the outputs it fills."""
-    num_rows, dim = grad.shape
+    """The kernel launch of the backward and the outputs it fills: ``dL/dgrad``, ``dL/dact``
+    (``[T, D]``, dtypes of ``grad``/``act``) given ``dL/dc`` as ``row_weight [T] *
+    group_scale [N]`` (the scale defaults to 1)."""
+    dim = grad.shape[1]
     dgrad, dact = torch.empty_like(grad), torch.empty_like(act)
     cfg = launch_config(dim, grad.dtype)
     acc = accumulation_dtype(grad.dtype, act.dtype)
@@ -297,36 +302,20 @@ def backward_launches(
     return [launch], (dgrad, dact)
 
 
-def forward(
-    grad: torch.Tensor,
-    act: torch.Tensor,
-    offsets: torch.Tensor,
-    num_sub: Optional[torch.Tensor],
-    margin: float,
-    eps: float,
-    contrastive: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """``grad``/``act`` ``[T, D]`` contiguous -> per-row ``cos [T]``, ``norm [T]`` and, when
-    ``num_sub`` is given, the per-row loss weights ``dL_g/dc [T]`` and per-group loss ``[N]``
-    (all in the accumulation dtype)."""
-    launches, outputs = forward_launches(grad, act, offsets, num_sub, margin, eps, contrastive)
-    run_launches(launches, grad)
-    return outputs
+def _running(make_launches):
+    """The host function that runs ``make_launches``'s launches (on the GPU of its first
+    argument) and returns the outputs they fill; same arguments."""
+    @functools.wraps(make_launches)
+    def run(*args):
+        launches, outputs = make_launches(*args)
+        run_launches(launches, args[0])
+        return outputs
+
+    return run
 
 
-def backward(
-    grad: torch.Tensor,
-    act: torch.Tensor,
-    offsets: torch.Tensor,
-    cos: torch.Tensor,
-    norm: torch.Tensor,
-    row_weight: torch.Tensor,
-    group_scale: Optional[torch.Tensor],
-    eps: float,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``dL/dgrad``, ``dL/dact`` (``[T, D]``, dtypes of ``grad``/``act``) given ``dL/dc`` as
-    ``row_weight [T] * group_scale [N]`` (the scale defaults to 1)."""
-    launches, outputs = backward_launches(grad, act, offsets, cos, norm, row_weight,
-                                          group_scale, eps)
-    run_launches(launches, grad)
-    return outputs
+# The host functions of the ops (the torch backend has the same signatures):
+# forward(grad, act, offsets, num_sub, margin, eps, contrastive) -> (cos, norm, weight, loss)
+# backward(grad, act, offsets, cos, norm, row_weight, group_scale, eps) -> (dgrad, dact)
+forward = _running(forward_launches)
+backward = _running(backward_launches)
