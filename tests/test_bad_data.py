@@ -203,3 +203,21 @@ def test_branch_sum_branches_must_agree_on_the_output_size():
         BranchSum(nn.Linear(4, 5), mlp_head(4, 3, 6))
     BranchSum(nn.Linear(4, 5), mlp_head(4, 3, 5), nn.ReLU())          # size of ReLU unknown
     assert len(pythia_classifier(8, 4, 4, 5).branches) == 2
+
+
+def test_runtime_file_problems_name_the_file_before_training(real, tmp_path):
+    """A feature file of another width, a non-integer num_boxes and deeply nested JSON are
+    one-line errors naming the file, raised when the data set is opened, before training."""
+    np.save(real["npy"] / f"COCO_val2014_{42:012d}.npy", np.ones((4, 5), np.float32))
+    with pytest.raises(ValueError, match=r"COCO_val2014_000000000042\.npy: image 42 has 5-d"):
+        _open(real)
+    np.save(real["npy"] / f"COCO_val2014_{42:012d}.npy", real["feats"][42])
+    info = real["npy"] / f"COCO_val2014_{42:012d}_info.npy"
+    np.save(info, np.array({"bbox": real["boxes42"], "num_boxes": 3.5, "image_w": 640,
+                            "image_h": 480}, dtype=object))
+    with pytest.raises(ValueError, match=r"_info\.npy: num_boxes=3\.5"):
+        _open(real)[0]
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=r"deep\.json: cannot read JSON \(nested too deeply\)"):
+        _open(dict(real, introspect=deep))

@@ -334,8 +334,9 @@ def test_malformed_features(real):
     with pytest.raises(ValueError, match="npy: no region features"):
         _open(real)
     missing.write_bytes(b"\x93NUMPY truncated")
-    with pytest.raises(ValueError, match=missing.name):
-        _open(real)[1]
+    with pytest.raises(ValueError, match=missing.name):  # found when the data set is opened
+        _open(real)
+    np.save(missing, real["feats"][7])
     info = real["npy"] / f"COCO_val2014_{42:012d}_info.npy"
     np.save(info, np.array({"bbox": np.zeros((4, 4)), "num_boxes": 4}, dtype=object))
     with pytest.raises(ValueError, match="image_width"):

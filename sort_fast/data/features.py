@@ -9,7 +9,7 @@ import os
 import re
 from pathlib import Path
 from abc import ABC, abstractmethod
-from typing import Dict, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 import numpy as np
 
@@ -21,13 +21,27 @@ TSV_FIELDS = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features"
 
 class RegionFeatures(ABC):
     """``reader[image_id] -> (features [R, F] float32, boxes [R, 4] float32)`` with boxes as
-    fractions of the image size (zeros when the size or the boxes are unknown)."""
+    fractions of the image size (zeros when the size or the boxes are unknown). Every image
+    must have the feature width ``F`` of the first one read (``ValueError`` naming the file)."""
+
+    _width: Optional[int] = None
 
     @abstractmethod
     def __contains__(self, image_id: int) -> bool: ...
 
     @abstractmethod
     def __getitem__(self, image_id: int) -> Tuple[np.ndarray, np.ndarray]: ...
+
+    def check_images(self, image_ids: Iterable[int]) -> None:
+        """Checks what can be checked cheaply for every image before training reads them one
+        by one (a ``.npy`` header: its shape and dtype); the full check runs on each read."""
+
+    def _same_width(self, path: Path, image_id: int, width: int) -> None:
+        if self._width is None:
+            self._width = width
+        elif width != self._width:
+            raise ValueError(f"{path}: image {image_id} has {width}-d region features, the "
+                             f"images before it {self._width}-d")
 
 
 def _check_finite(path: Path, image_id: int, what: str, values: np.ndarray) -> None:
@@ -49,10 +63,14 @@ def _normalised_boxes(path: Path, image_id: int, boxes: np.ndarray, n: int, widt
     return boxes / np.array([width, height, width, height], dtype=np.float32)
 
 
-def _checked_features(path: Path, image_id: int, features: np.ndarray) -> np.ndarray:
+def _check_shape(path: Path, features: np.ndarray) -> None:
     if features.ndim != 2 or features.shape[0] == 0 or features.dtype.kind != "f":
         raise ValueError(f"{path}: features must be a non-empty 2-D float array, got "
                          f"{features.dtype} {features.shape}")
+
+
+def _checked_features(path: Path, image_id: int, features: np.ndarray) -> np.ndarray:
+    _check_shape(path, features)
     features = features.astype(np.float32, copy=False)
     _check_finite(path, image_id, "feature", features)
     return features
@@ -80,6 +98,16 @@ class NpyFeatures(RegionFeatures):
     def __contains__(self, image_id: int) -> bool:
         return image_id in self._files
 
+    def check_images(self, image_ids: Iterable[int]) -> None:
+        for image_id in image_ids:
+            path = self._files[image_id]
+            try:
+                header = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (OSError, EOFError, ValueError) as e:
+                raise ValueError(f"{path}: not a readable feature array ({e})") from None
+            _check_shape(path, header)
+            self._same_width(path, image_id, header.shape[1])
+
     def __getitem__(self, image_id: int) -> Tuple[np.ndarray, np.ndarray]:
         path = self._files[image_id]
         try:
@@ -87,6 +115,7 @@ class NpyFeatures(RegionFeatures):
         except (OSError, EOFError, ValueError) as e:
             raise ValueError(f"{path}: not a readable feature array ({e})") from None
         features = _checked_features(path, image_id, raw)
+        self._same_width(path, image_id, features.shape[1])
         n = features.shape[0]
         info_path = path.with_name(path.stem + "_info.npy")
         if not info_path.exists():
@@ -97,8 +126,13 @@ class NpyFeatures(RegionFeatures):
             raise ValueError(f"{info_path}: not a readable info array ({e})") from None
         if not isinstance(info, dict) or "bbox" not in info:
             raise ValueError(f"{info_path}: must hold a dict with 'bbox', got {type(info).__name__}")
-        if int(info.get("num_boxes", n)) != n:
-            raise ValueError(f"{info_path}: num_boxes={info['num_boxes']} but {path.name} has "
+        num_boxes = info.get("num_boxes", n)
+        try:
+            whole = int(num_boxes) == num_boxes
+        except (TypeError, ValueError):
+            whole = False
+        if not whole or int(num_boxes) != n:
+            raise ValueError(f"{info_path}: num_boxes={num_boxes!r} but {path.name} has "
                              f"{n} regions")
         width = info.get("image_width", info.get("image_w"))
         height = info.get("image_height", info.get("image_h"))
@@ -151,6 +185,7 @@ class TsvFeatures(RegionFeatures):
             raise ValueError(f"{self.path}: image {image_id} has {features.size} feature values "
                              f"for num_boxes={n}")
         features = _checked_features(self.path, image_id, features.reshape(n, -1))
+        self._same_width(self.path, image_id, features.shape[1])
         return features, _normalised_boxes(self.path, image_id, boxes, n, width, height)
 
 

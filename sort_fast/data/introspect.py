@@ -23,6 +23,8 @@ def _load_json(path: PathLike) -> Any:
             return json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: cannot read JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: cannot read JSON (nested too deeply)") from None
 
 
 def _check(ok: bool, path: PathLike, what: str) -> None:
@@ -138,6 +140,7 @@ class IntrospectDataset(Sequence[Group]):
         if missing:
             raise ValueError(f"{features}: no region features for {len(missing)} image(s), e.g. "
                              f"image ids {missing[:5]}")
+        self.features.check_images(sorted(images))  # before training reads them one by one
         if isinstance(answer_vocab, Vocab):
             self.answer_vocab = answer_vocab
         elif answer_vocab is not None:
