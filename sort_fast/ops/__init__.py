@@ -1,5 +1,6 @@
-"""Fused operators: each module holds one op (its autograd Function and functional entry); the
-Triton kernels of an op live beside it in ``<op>_kernels.py``, imported only when used."""
+"""Fused operators: each module holds one op (its ``torch.library`` custom ops with fake
+implementations and registered autograd, and its functional entry); the Triton kernels of an
+op live beside it in ``<op>_kernels.py``, imported only when used (docs/ops.md)."""
 import functools
 import importlib.util
 
