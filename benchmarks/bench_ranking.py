@@ -5,6 +5,10 @@ Run (benchmark-only; nothing here is a plain test)::
     python -m pytest benchmarks/bench_ranking.py --benchmark-only \
         --benchmark-columns=min,median,mean,rounds -q
 
+``pytest --benchmark-only`` at the repository root runs 10k and 1M groups; 100k needs
+``--benchmark-full`` (see ``common.FULL_ONLY``). pandas and ranx are optional: their benchmarks
+are skipped where they are not installed.
+
 Data: N groups (10k, 100k, 1M) of 5..13 candidates (mean 9), about 1/3 relevant, every group
 with at least one relevant candidate, float32 scores uniform in [-1, 1], fixed seed. Data and
 each competitor's input conversion are built once per module (cached) and are not timed.
@@ -181,7 +185,7 @@ def numpy_ranking_metrics(similarity, relevant, offsets):
 # ----------------------------------------------------------------------------- pandas
 @functools.lru_cache(maxsize=None)
 def make_dataframe(num_groups: int):
-    import pandas as pd
+    pd = pytest.importorskip("pandas")
 
     scores, relevant, offsets = make_groups(num_groups)
     group = np.repeat(np.arange(num_groups), np.diff(offsets))
@@ -378,7 +382,7 @@ def _ranx_bench(benchmark, num_groups, save):
         # measured: 16.8 s at 10k (incl. numba cache load), 29.3 s at 100k, ~1 GB RSS at 100k
         pytest.skip("ranx Qrels/Run construction would take >2 min (~14 s per 100k groups "
                     "measured, ~2.5 min and ~10 GB extrapolated at 1M groups)")
-    from ranx import evaluate
+    evaluate = pytest.importorskip("ranx").evaluate
 
     benchmark.group = f"ranking-{num_groups}"
     qrels, run, build_s = make_ranx(num_groups)

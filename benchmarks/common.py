@@ -1,7 +1,8 @@
-"""Shared pieces of the benchmark suites: synthetic packed batches and peak-memory measurement."""
+"""Shared pieces of the benchmark suites: synthetic packed batches, peak-memory measurement and
+the quick/full size table."""
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from typing import Callable, Dict, Mapping, Tuple
 
 import torch
 
@@ -49,3 +50,21 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device = DEVICE) -
 def synchronize() -> None:
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
+
+
+# Quick vs full sizes: parameter values that only `pytest --benchmark-only --benchmark-full`
+# runs, per suite and parameter name (benchmarks/conftest.py deselects them otherwise). Every
+# other case, every suite's smaller sizes, runs in the quick default.
+FULL_ONLY: Dict[str, Dict[str, Tuple[object, ...]]] = {
+    "bench_loss.py": {"size": ("pythia_x8",)},
+    "bench_gradcam.py": {"head_name": ("pythia",)},
+    "bench_step.py": {"size": ("pythia",)},
+    "bench_ranking.py": {"num_groups": (100_000,)},
+    "bench_loader.py": {"mode": ("train",)},
+}
+
+
+def full_only(suite: str, params: Mapping[str, object]) -> bool:
+    """True if the case of ``suite`` (a file name) with parametrization ``params`` belongs to
+    the full sizes only."""
+    return any(params.get(name) in values for name, values in FULL_ONLY.get(suite, {}).items())

@@ -1,9 +1,11 @@
 // Ranking metrics over ragged groups of candidates (SPEC §5).
 //
-// Each group is sorted once into per-thread scratch space (score descending, irrelevant before
-// relevant on equal scores, then input order), and one pass over the sorted list yields every
-// metric. Groups are processed in fixed-size blocks pulled by worker threads with the GIL
-// released; block sums are added in block order, so results do not depend on the thread count.
+// Candidates are ranked by score descending, irrelevant before relevant on equal scores, then
+// input order. Groups of up to kSmallGroup candidates count each candidate's rank over all pairs
+// (branch-free, SIMD, AVX2 where the CPU has it); larger groups are sorted into per-thread scratch
+// space and read in one pass. Groups are processed in fixed-size blocks pulled by worker threads
+// with the GIL released; block sums are added in block order, so results do not depend on the
+// thread count.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -14,6 +16,7 @@
 #include <limits>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace py = pybind11;
@@ -22,8 +25,11 @@ namespace {
 
 constexpr int64_t kBlockGroups = 2048;
 constexpr int64_t kNoError = std::numeric_limits<int64_t>::max();
+// Groups up to this size are ranked by branch-free rank counting in fixed-size arrays; larger
+// groups are sorted in per-thread scratch space.
+constexpr int kSmallGroup = 16;
 
-enum class GroupError : int { kNone = 0, kNaN = 1, kNoRelevant = 2 };
+enum class GroupError : int { kNone = 0, kNaN = 1, kInf = 2, kNoRelevant = 3 };
 
 struct Candidate {
   double score;
@@ -60,61 +66,182 @@ struct Sums {
   }
 };
 
-// Per-thread buffers, sized once to the largest group: no allocation per group.
+// Per-thread buffers of the sorting path, sized once to the largest group: no allocation per
+// group.
 struct Scratch {
-  std::vector<Candidate> ranked;
-  std::vector<double> relevant_scores;
-  std::vector<double> irrelevant_scores;
+  std::vector<Candidate> candidates;
+  std::vector<double> ranked_scores, parallel;
+  std::vector<uint8_t> ranked_relevant;
   explicit Scratch(int64_t max_group)
-      : ranked(max_group), relevant_scores(max_group), irrelevant_scores(max_group) {}
+      : candidates(max_group),
+        ranked_scores(max_group),
+        parallel(max_group),
+        ranked_relevant(max_group) {}
 };
 
-template <typename Score>
-GroupError evaluate_group(const Score* score, const uint8_t* relevant, int64_t n, Scratch& s,
-                          GroupMetrics& out) {
-  int64_t num_relevant = 0;
+// A group's error from what the scan of its candidates found.
+[[gnu::always_inline]] inline GroupError group_error(bool nan, bool inf, int64_t num_relevant) {
+  if (nan) return GroupError::kNaN;
+  if (inf) return GroupError::kInf;
+  return num_relevant == 0 ? GroupError::kNoRelevant : GroupError::kNone;
+}
+
+// Reads every score and relevance flag of a group exactly once (a caller writing into its arrays
+// meanwhile cannot make the group inconsistent), handing each to store(j, score, relevant).
+// Returns the group's error, if any: a NaN, else an infinite score, else no relevant candidate.
+template <typename Score, typename Store>
+GroupError load_group(const Score* score, const uint8_t* relevant, int64_t n, Store&& store,
+                      int64_t& num_relevant) {
+  bool nan = false, inf = false;
+  num_relevant = 0;
   for (int64_t j = 0; j < n; ++j) {
-    const double v = static_cast<double>(score[j]);
-    if (std::isnan(v)) return GroupError::kNaN;
-    const uint8_t r = relevant[j] ? 1 : 0;
-    s.ranked[j] = Candidate{v, r, j};
+    const Score v = score[j];
+    const uint8_t r = relevant[j] != 0;
+    store(j, v, r);
+    nan |= std::isnan(v);
+    inf |= std::isinf(v);
     num_relevant += r;
   }
-  if (num_relevant == 0) return GroupError::kNoRelevant;
-  std::sort(s.ranked.begin(), s.ranked.begin() + n, ranks_before);
+  return group_error(nan, inf, num_relevant);
+}
 
+// Every metric from the group in rank order (scores and relevance by position), branch-free (the
+// relevance pattern is data and would defeat branch prediction); `parallel` has room for n.
+void metrics_from_ranking(const double* ranked_score, const uint8_t* ranked_relevant, int64_t n,
+                          int64_t num_relevant, double* parallel, GroupMetrics& out) {
   // The parallel list of SPEC §5 (WPR): relevant candidates first, each part in ranked order.
-  int64_t nr = 0, ni = 0;
+  int64_t nr = 0, ni = num_relevant;
   for (int64_t p = 0; p < n; ++p) {
-    if (s.ranked[p].relevant)
-      s.relevant_scores[nr++] = s.ranked[p].score;
-    else
-      s.irrelevant_scores[ni++] = s.ranked[p].score;
+    const bool r = ranked_relevant[p];
+    parallel[r ? nr : ni] = ranked_score[p];
+    nr += r;
+    ni += !r;
   }
 
-  int64_t hits = 0, mismatches = 0;
+  int64_t hits = 0, mismatches = 0, first_hit = n;
   double precision_sum = 0.0, wpr_sum = 0.0;
   for (int64_t p = 0; p < n; ++p) {
-    const Candidate& c = s.ranked[p];
-    const double rank = static_cast<double>(p + 1);
-    if (c.relevant) {
-      if (hits == 0) out.reciprocal_rank = 1.0 / rank;
-      ++hits;
-      precision_sum += static_cast<double>(hits) / rank;
-    }
-    const bool parallel_relevant = p < num_relevant;
-    if (static_cast<bool>(c.relevant) != parallel_relevant) {
-      const double parallel_score =
-          parallel_relevant ? s.relevant_scores[p] : s.irrelevant_scores[p - num_relevant];
-      wpr_sum += std::fabs(c.score - parallel_score);
-      ++mismatches;
-    }
+    const bool r = ranked_relevant[p];
+    first_hit = (r && hits == 0) ? p : first_hit;
+    hits += r;
+    // Selections as integer factors, not branches: precision at a relevant position, score gap
+    // at a mis-ranked one.
+    precision_sum += static_cast<double>(r ? hits : 0) / static_cast<double>(p + 1);
+    const bool mismatch = r != (p < num_relevant);
+    wpr_sum += static_cast<double>(mismatch) * std::fabs(ranked_score[p] - parallel[p]);
+    mismatches += mismatch;
   }
-  out.top_relevant = s.ranked[0].relevant;
+  out.top_relevant = ranked_relevant[0];
+  out.reciprocal_rank = 1.0 / static_cast<double>(first_hit + 1);
   out.ranked_correctly = mismatches == 0;
   out.misranked = mismatches > 0;
   out.wpr = mismatches > 0 ? wpr_sum / static_cast<double>(mismatches) : 0.0;
   out.average_precision = precision_sum / static_cast<double>(num_relevant);
+}
+
+// Groups of at most kSmallGroup candidates, without sorting: for each candidate j, its 0-based
+// rank `before` and the relevant candidates ranked before it are counted over all lanes i at once
+// (branch-free, fixed-size arrays, SIMD over i, reduced into registers: a value stored by vector
+// lanes and read back one lane at a time would stall on store forwarding). The parallel list is
+// then filled by its positions and read at each candidate's rank. `available` counts the
+// candidates from this group's first to the end of the arrays.
+template <typename Score>
+[[gnu::always_inline]] inline GroupError evaluate_small(const Score* score,
+                                                       const uint8_t* relevant, int64_t n,
+                                                       int64_t available, GroupMetrics& out) {
+  constexpr int kW = kSmallGroup;
+  // Same width as Score so that score and integer comparisons share SIMD lanes.
+  using Key = std::conditional_t<sizeof(Score) == 4, int32_t, int64_t>;
+  constexpr Key kRelevantKey = 2 * kW;
+  constexpr int kRelevantShift = 8;
+  // All kW lanes are read at once (lanes >= n hold later groups' candidates and are masked off);
+  // near the end of the arrays, from a zero-padded copy.
+  Score padded_score[kW];
+  uint8_t padded_relevant[kW];
+  if (available < kW) {
+    std::fill(std::copy_n(score, n, padded_score), padded_score + kW, Score(0));
+    std::fill(std::copy_n(relevant, n, padded_relevant), padded_relevant + kW, uint8_t(0));
+    score = padded_score;
+    relevant = padded_relevant;
+  }
+  // Each lane is read once into owned storage. key orders equal scores: irrelevant before
+  // relevant, then input order.
+  // Lanes >= n get score -inf: they precede no candidate (an input -inf is an error).
+  alignas(64) Score s[kW];
+  alignas(64) Key rel[kW], key[kW], weight[kW];
+  Key nan = 0, non_finite = 0, num_relevant = 0;
+  for (int j = 0; j < kW; ++j) {
+    const Score v = score[j];
+    const Key in_group = j < n;
+    rel[j] = static_cast<Key>(relevant[j] != 0) & in_group;
+    s[j] = in_group ? v : -std::numeric_limits<Score>::infinity();
+    key[j] = rel[j] * kRelevantKey + j;
+    weight[j] = 1 + (rel[j] << kRelevantShift);
+    nan |= in_group & static_cast<Key>(v != v);
+    non_finite |= in_group & static_cast<Key>((v - v) != (v - v));  // v - v: 0, or NaN
+    num_relevant += rel[j];
+  }
+  const GroupError err = group_error(nan, non_finite, num_relevant);
+  if (err != GroupError::kNone) return err;
+
+  Key rank[kW], parallel_pos[kW], mismatch[kW];
+  Key first_hit = kW, mismatches = 0;
+  double precision_sum = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    const Score sj = s[j];
+    const Key kj = key[j], rj = rel[j];
+    // One sum counts both: preceding candidates in the low bits, preceding relevant ones from
+    // bit kRelevantShift up.
+    Key counts = 0;
+#pragma GCC unroll 1  // left to the vectorizer (full unrolling would come first and defeat it)
+    for (int i = 0; i < kW; ++i)
+      counts += -static_cast<Key>((s[i] > sj) | ((s[i] == sj) & (key[i] < kj))) & weight[i];
+    const Key before = counts & ((Key(1) << kRelevantShift) - 1);
+    const Key relevant_before = counts >> kRelevantShift;
+    rank[j] = before;
+    // The parallel list of SPEC §5 (WPR): relevant candidates first, each part in ranked order.
+    parallel_pos[j] = rj ? relevant_before : num_relevant + before - relevant_before;
+    mismatch[j] = rj != static_cast<Key>(before < num_relevant);
+    mismatches += mismatch[j];
+    first_hit = std::min(first_hit, rj ? before : Key(kW));
+    // hits / rank at a relevant candidate (AP); an integer factor zeroes the others
+    precision_sum += static_cast<double>(rj * (relevant_before + 1)) /
+                     static_cast<double>(before + 1);
+  }
+  double parallel[kW];
+  for (int64_t j = 0; j < n; ++j) parallel[parallel_pos[j]] = static_cast<double>(s[j]);
+  double wpr_sum = 0.0;
+  for (int64_t j = 0; j < n; ++j)
+    wpr_sum += static_cast<double>(mismatch[j]) *
+               std::fabs(static_cast<double>(s[j]) - parallel[rank[j]]);
+  out.top_relevant = first_hit == 0;
+  out.reciprocal_rank = 1.0 / static_cast<double>(first_hit + 1);
+  out.ranked_correctly = mismatches == 0;
+  out.misranked = mismatches > 0;
+  out.wpr = mismatches > 0 ? wpr_sum / static_cast<double>(mismatches) : 0.0;
+  out.average_precision = precision_sum / static_cast<double>(num_relevant);
+  return GroupError::kNone;
+}
+
+// Any group size: sort into per-thread scratch space.
+template <typename Score>
+GroupError evaluate_large(const Score* score, const uint8_t* relevant, int64_t n, Scratch& s,
+                          GroupMetrics& out) {
+  int64_t num_relevant;
+  const GroupError err = load_group(
+      score, relevant, n,
+      [&](int64_t j, Score v, uint8_t r) {
+        s.candidates[j] = Candidate{static_cast<double>(v), r, j};
+      },
+      num_relevant);
+  if (err != GroupError::kNone) return err;
+  std::sort(s.candidates.begin(), s.candidates.begin() + n, ranks_before);
+  for (int64_t p = 0; p < n; ++p) {
+    s.ranked_scores[p] = s.candidates[p].score;
+    s.ranked_relevant[p] = s.candidates[p].relevant;
+  }
+  metrics_from_ranking(s.ranked_scores.data(), s.ranked_relevant.data(), n, num_relevant,
+                       s.parallel.data(), out);
   return GroupError::kNone;
 }
 
@@ -133,43 +260,96 @@ struct BlockResult {
   GroupError error = GroupError::kNone;
 };
 
+// Groups [g0, g1); stops at the first bad group.
+template <typename Score>
+[[gnu::always_inline]] inline BlockResult evaluate_block_body(
+    const Score* score, const uint8_t* relevant, const int64_t* offsets, int64_t num_candidates,
+    int64_t g0, int64_t g1, Scratch& scratch, const PerGroupOut& per_group) {
+  BlockResult block;
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t begin = offsets[g], n = offsets[g + 1] - offsets[g];
+    GroupMetrics m;
+    const GroupError err =
+        n <= kSmallGroup
+            ? evaluate_small(score + begin, relevant + begin, n, num_candidates - begin, m)
+            : evaluate_large(score + begin, relevant + begin, n, scratch, m);
+    if (err != GroupError::kNone) {
+      block.error = err;
+      block.error_group = g;
+      break;
+    }
+    block.sums.add(m);
+    if (per_group.reciprocal_rank != nullptr) {
+      per_group.top_relevant[g] = m.top_relevant;
+      per_group.ranked_correctly[g] = m.ranked_correctly;
+      per_group.misranked[g] = m.misranked;
+      per_group.reciprocal_rank[g] = m.reciprocal_rank;
+      per_group.wpr[g] = m.wpr;
+      per_group.average_precision[g] = m.average_precision;
+    }
+  }
+  return block;
+}
+
+// evaluate_block_body compiled for the baseline ISA and, with GCC/Clang on x86-64, also for AVX2
+// (8-lane comparisons in evaluate_small, which is always inlined so that it is compiled for the
+// caller's ISA), chosen at run time. Same operations in the same order: identical results.
+template <typename Score>
+BlockResult evaluate_block_baseline(const Score* score, const uint8_t* relevant,
+                                    const int64_t* offsets, int64_t num_candidates, int64_t g0,
+                                    int64_t g1, Scratch& scratch, const PerGroupOut& per_group) {
+  return evaluate_block_body(score, relevant, offsets, num_candidates, g0, g1, scratch,
+                             per_group);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+template <typename Score>
+[[gnu::target("avx2")]] BlockResult evaluate_block_avx2(
+    const Score* score, const uint8_t* relevant, const int64_t* offsets, int64_t num_candidates,
+    int64_t g0, int64_t g1, Scratch& scratch, const PerGroupOut& per_group) {
+  return evaluate_block_body(score, relevant, offsets, num_candidates, g0, g1, scratch,
+                             per_group);
+}
+#endif
+
+template <typename Score>
+BlockResult evaluate_block(const Score* score, const uint8_t* relevant, const int64_t* offsets,
+                           int64_t num_candidates, int64_t g0, int64_t g1, Scratch& scratch,
+                           const PerGroupOut& per_group) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2)
+    return evaluate_block_avx2(score, relevant, offsets, num_candidates, g0, g1, scratch,
+                               per_group);
+#endif
+  return evaluate_block_baseline(score, relevant, offsets, num_candidates, g0, g1, scratch,
+                                 per_group);
+}
+
 template <typename Score>
 void evaluate_blocks(const Score* score, const uint8_t* relevant, const int64_t* offsets,
-                     int64_t num_groups, int64_t max_group, const PerGroupOut& per_group,
+                     int64_t num_groups, int64_t num_candidates, int64_t max_group,
+                     const PerGroupOut& per_group,
                      std::vector<BlockResult>& blocks, int num_threads) {
   const int64_t num_blocks = static_cast<int64_t>(blocks.size());
   std::atomic<int64_t> next_block{0};
   std::atomic<int64_t> first_error{kNoError};
 
   auto worker = [&]() {
-    Scratch scratch(max_group);
+    Scratch scratch(max_group > kSmallGroup ? max_group : 0);
     for (;;) {
       const int64_t b = next_block.fetch_add(1);
       if (b >= num_blocks) return;
       const int64_t g0 = b * kBlockGroups;
       if (g0 > first_error.load()) continue;  // a bad group was already found before this block
       const int64_t g1 = std::min(num_groups, g0 + kBlockGroups);
-      BlockResult block;  // local: neighbouring blocks' results may share a cache line
-      for (int64_t g = g0; g < g1; ++g) {
-        const int64_t begin = offsets[g], n = offsets[g + 1] - offsets[g];
-        GroupMetrics m;
-        const GroupError err = evaluate_group(score + begin, relevant + begin, n, scratch, m);
-        if (err != GroupError::kNone) {
-          block.error = err;
-          block.error_group = g;
-          int64_t seen = first_error.load();
-          while (g < seen && !first_error.compare_exchange_weak(seen, g)) {
-          }
-          break;
-        }
-        block.sums.add(m);
-        if (per_group.reciprocal_rank != nullptr) {
-          per_group.top_relevant[g] = m.top_relevant;
-          per_group.ranked_correctly[g] = m.ranked_correctly;
-          per_group.misranked[g] = m.misranked;
-          per_group.reciprocal_rank[g] = m.reciprocal_rank;
-          per_group.wpr[g] = m.wpr;
-          per_group.average_precision[g] = m.average_precision;
+      // local: neighbouring blocks' results may share a cache line
+      const BlockResult block = evaluate_block(score, relevant, offsets, num_candidates, g0, g1,
+                                               scratch, per_group);
+      if (block.error != GroupError::kNone) {
+        int64_t seen = first_error.load();
+        while (block.error_group < seen &&
+               !first_error.compare_exchange_weak(seen, block.error_group)) {
         }
       }
       blocks[b] = block;
@@ -223,9 +403,12 @@ py::dict evaluate(const py::array& scores, const py::array& relevant, const py::
   require_1d_contiguous(scores, "similarity");
   require_1d_contiguous(relevant, "relevant");
   require_1d_contiguous(offsets, "offsets");
-  const bool is_f32 = scores.dtype().is(py::dtype::of<float>());
-  const bool is_f64 = scores.dtype().is(py::dtype::of<double>());
-  if (!is_f32 && !is_f64) throw py::type_error("similarity must be float32 or float64");
+  // array_t checks compare dtypes by value (byte order included), not by object identity.
+  const bool is_f32 = py::isinstance<py::array_t<float>>(scores);
+  const bool is_f64 = py::isinstance<py::array_t<double>>(scores);
+  if (!is_f32 && !is_f64)
+    throw py::type_error("similarity must be float32 or float64 in native byte order, got " +
+                         std::string(py::str(scores.dtype())));
   if (!relevant.dtype().is(py::dtype::of<bool>())) throw py::type_error("relevant must be bool");
   if (!offsets.dtype().is(py::dtype::of<int64_t>())) throw py::type_error("offsets must be int64");
   const int64_t num_candidates = scores.shape(0);
@@ -237,9 +420,12 @@ py::dict evaluate(const py::array& scores, const py::array& relevant, const py::
   const int64_t num_groups = offsets.shape(0) - 1;
   if (num_threads <= 0) num_threads = std::max(1u, std::thread::hardware_concurrency());
 
-  const auto* off = static_cast<const int64_t*>(offsets.data());
+  // An owned copy, validated and then used: the caller's offsets may change under us once the
+  // GIL is released, and every read of similarity and relevant is bounded by these offsets.
+  const auto* caller_offsets = static_cast<const int64_t*>(offsets.data());
+  const std::vector<int64_t> off(caller_offsets, caller_offsets + num_groups + 1);
   const auto* rel = static_cast<const uint8_t*>(relevant.data());
-  const int64_t max_group = check_offsets(off, num_groups, num_candidates);
+  const int64_t max_group = check_offsets(off.data(), num_groups, num_candidates);
 
   py::array_t<uint8_t> top_relevant, ranked_correctly, misranked;
   py::array_t<double> reciprocal_rank, wpr, average_precision;
@@ -260,11 +446,11 @@ py::dict evaluate(const py::array& scores, const py::array& relevant, const py::
   {
     py::gil_scoped_release release;
     if (is_f32)
-      evaluate_blocks(static_cast<const float*>(scores.data()), rel, off, num_groups, max_group,
-                      out, blocks, num_threads);
+      evaluate_blocks(static_cast<const float*>(scores.data()), rel, off.data(), num_groups,
+                      num_candidates, max_group, out, blocks, num_threads);
     else
-      evaluate_blocks(static_cast<const double*>(scores.data()), rel, off, num_groups, max_group,
-                      out, blocks, num_threads);
+      evaluate_blocks(static_cast<const double*>(scores.data()), rel, off.data(), num_groups,
+                      num_candidates, max_group, out, blocks, num_threads);
   }
 
   Sums total;
@@ -272,6 +458,8 @@ py::dict evaluate(const py::array& scores, const py::array& relevant, const py::
     if (b.error != GroupError::kNone) {
       const std::string g = std::to_string(b.error_group);
       if (b.error == GroupError::kNaN) throw py::value_error("group " + g + " has a NaN similarity");
+      if (b.error == GroupError::kInf)
+        throw py::value_error("group " + g + " has an infinite similarity");
       throw py::value_error("group " + g + " has no relevant candidate");
     }
     total.top_relevant += b.sums.top_relevant;

@@ -39,6 +39,8 @@ def _to_numpy(x: ArrayLike, name: str) -> np.ndarray:
 
 def _as_scores(x: ArrayLike) -> np.ndarray:
     a = _to_numpy(x, "similarity")
+    if a.dtype.kind in "fiu" and not a.dtype.isnative:  # big-endian: to the native type
+        a = a.astype(a.dtype.type)
     if a.dtype == np.float16:
         a = a.astype(np.float32)
     elif a.dtype.kind in "iu":
@@ -79,7 +81,8 @@ def ranking_metrics(
     """Ranking metrics over ragged groups of candidates.
 
     Args:
-        similarity: ``[C]`` scores (cosines), float32 or float64 are read without a copy.
+        similarity: ``[C]`` scores (cosines), float32 or float64 are read without a copy
+            (big-endian ones are converted). Scores must be finite.
         relevant: ``[C]`` bool, True for a sub-question.
         offsets: ``[N+1]`` int64, group ``g`` owns candidates ``offsets[g]:offsets[g+1]``.
         per_group: also return ``"per_group"``, a dict of ``[N]`` arrays
@@ -92,8 +95,13 @@ def ranking_metrics(
         ``groups`` and ``misranked_groups``.
 
     Raises:
-        ValueError naming the first bad group (NaN score, no candidate, no relevant candidate,
-        offsets out of order or range) or a length mismatch; TypeError for unusable inputs.
+        ValueError naming the first bad group (NaN or infinite score, no candidate, no relevant
+        candidate, offsets out of order or range) or a length mismatch; TypeError for unusable
+        inputs.
+
+    The extension works on a copy of ``offsets`` and reads each score and relevance flag once, so
+    another thread writing into the arrays during the call can change the values it sees but
+    cannot make it read out of bounds.
     """
     if num_threads is None:
         num_threads = 0
@@ -135,10 +143,24 @@ def _as_bool(x: ArrayLike, name: str) -> np.ndarray:
     return a
 
 
+def _as_vqa_score(x: ArrayLike, shape: tuple) -> np.ndarray:
+    v = _to_numpy(x, "vqa_score")
+    if v.dtype.kind not in "biuf":
+        raise TypeError(f"vqa_score must be numeric, got dtype {v.dtype}")
+    v = v.astype(np.float64)
+    if v.shape != shape:
+        raise ValueError(f"vqa_score has shape {v.shape} but correct has {shape}")
+    bad = np.flatnonzero(~((v >= 0) & (v <= 1)))  # NaN fails both comparisons
+    if bad.size:
+        raise ValueError(f"vqa_score must be in [0, 1], got {v[bad[0]]:g} at row {bad[0]}")
+    return v
+
+
 class ConsistencyMeter:
     """Pools consistency quadrants and per-role accuracy over batches (SPEC §5).
 
     Counts are pooled over all ``<reasoning, sub-question>`` pairs seen, not averaged per batch.
+    An update that raises (every input is validated first) adds nothing.
     """
 
     def __init__(self) -> None:
@@ -162,6 +184,8 @@ class ConsistencyMeter:
         order), ``num_sub [N]`` and optionally ``irrelevant_correct [M]``."""
         r = _as_bool(reasoning_correct, "reasoning_correct")
         s = _as_bool(sub_correct, "sub_correct")
+        irr = None if irrelevant_correct is None else _as_bool(irrelevant_correct,
+                                                               "irrelevant_correct")
         k = _as_int64(num_sub, "num_sub")
         if k.shape != r.shape:
             raise ValueError(f"num_sub has shape {k.shape} but reasoning_correct has {r.shape}")
@@ -176,8 +200,8 @@ class ConsistencyMeter:
         np.add.at(self.quadrants, (1 - pair_r.astype(np.int64), 1 - s.astype(np.int64)), 1)
         self._add_role(ROLE_REASONING, r)
         self._add_role(ROLE_SUB, s)
-        if irrelevant_correct is not None:
-            self._add_role(ROLE_IRRELEVANT, _as_bool(irrelevant_correct, "irrelevant_correct"))
+        if irr is not None:
+            self._add_role(ROLE_IRRELEVANT, irr)
 
     def update_packed(
         self,
@@ -191,13 +215,11 @@ class ConsistencyMeter:
         c = _as_bool(correct, "correct")
         offsets, num_sub = torch.as_tensor(offsets).cpu(), torch.as_tensor(num_sub).cpu()
         sizes = check_layout(offsets, num_sub, c.size).sizes
+        v = None if vqa_score is None else _as_vqa_score(vqa_score, c.shape)
         roles = row_roles(offsets, num_sub, sizes).numpy()
         self.update(c[roles == ROLE_REASONING], c[roles == ROLE_SUB], num_sub,
                     c[roles == ROLE_IRRELEVANT])
-        if vqa_score is not None:
-            v = _to_numpy(vqa_score, "vqa_score").astype(np.float64)
-            if v.shape != c.shape:
-                raise ValueError(f"vqa_score has shape {v.shape} but correct has {c.shape}")
+        if v is not None:
             for role in (ROLE_REASONING, ROLE_SUB, ROLE_IRRELEVANT):
                 self.vqa_score[role] += v[roles == role].sum()
                 self.vqa_total[role] += int((roles == role).sum())

@@ -1,5 +1,7 @@
 """Ranking metrics (C++ extension) and consistency against plain-Python references (SPEC §5)."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -293,3 +295,122 @@ def test_consistency_packed_update_with_vqa_scores():
 def test_consistency_bad_input(args, match):
     with pytest.raises(ValueError, match=match):
         consistency(*args)
+
+
+@pytest.mark.parametrize("vqa, match", [
+    (torch.ones(6), r"vqa_score has shape \(6,\)"),
+    (torch.tensor([1.0, 0.6, float("nan"), 1.0, 0.3, 1.0, 0.9]), r"\[0, 1\], got nan at row 2"),
+    (torch.tensor([1.0, 0.6, 0.0, 1.5, 0.3, 1.0, 0.9]), r"\[0, 1\], got 1.5 at row 3"),
+    (torch.tensor([1.0, 0.6, 0.0, 1.0, -0.1, 1.0, 0.9]), r"\[0, 1\], got -0.1 at row 4"),
+])
+def test_consistency_packed_update_is_all_or_nothing(vqa, match):
+    correct = torch.tensor([1, 1, 0, 1, 0, 1, 1], dtype=torch.bool)
+    meter = ConsistencyMeter()
+    with pytest.raises(ValueError, match=match):
+        meter.update_packed(correct, torch.tensor([0, 4, 7]), torch.tensor([2, 1]), vqa_score=vqa)
+    with pytest.raises(TypeError, match="irrelevant_correct"):
+        meter.update([True], [True], [1], irrelevant_correct=[0.5])
+    assert meter.compute() == ConsistencyMeter().compute()
+
+
+# ----------------------------------------------------------------------------- reliability
+@pytest.mark.parametrize("bad", [np.inf, -np.inf])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_infinite_scores_are_rejected_naming_the_group(bad, dtype):
+    scores = np.array([0.1, 0.2, 0.3, bad, 0.5, 0.6], dtype=dtype)
+    with pytest.raises(ValueError, match="group 1 has an infinite similarity"):
+        ranking_metrics(scores, [1, 0, 1, 0, 1, 0], [0, 2, 4, 6])
+    scores[0] = np.nan  # the first bad group is named, whatever is wrong with it
+    with pytest.raises(ValueError, match="group 0 has a NaN"):
+        ranking_metrics(scores, [1, 0, 1, 0, 1, 0], [0, 2, 4, 6])
+
+
+@pytest.mark.parametrize("dtype", [">f8", ">f4", ">i8"])
+def test_big_endian_input_is_converted(dtype):
+    scores, relevant, offsets = random_groups(np.random.default_rng(5), 30, tie_levels=4)
+    native = scores.astype(np.dtype(dtype).newbyteorder("="))
+    want = ranking_metrics(native, relevant, offsets)
+    assert ranking_metrics(native.astype(dtype), relevant, offsets.astype(">i8")) == want
+
+
+def test_caller_writing_offsets_during_the_call_cannot_crash_it():
+    """Another thread rewrites offsets while the extension runs without the GIL: it works on a
+    validated copy, so every call returns or raises ValueError (no out-of-bounds read)."""
+    scores, relevant, offsets = random_groups(np.random.default_rng(6), 200_000, max_size=16)
+    garbage = np.full_like(offsets, 2**40)
+    stop = threading.Event()
+
+    def scribble():
+        while not stop.is_set():
+            np.copyto(offsets[1:], garbage[1:])
+            np.copyto(offsets[1:], np.sort(offsets[1:]) // 2**20)
+
+    writer = threading.Thread(target=scribble)
+    writer.start()
+    try:
+        for _ in range(20):
+            try:
+                ranking_metrics(scores, relevant, offsets, num_threads=2)
+            except ValueError:
+                pass
+    finally:
+        stop.set()
+        writer.join()
+
+
+def _draw_group(draw, dtype):
+    # ties, signed zeros, subnormals and large magnitudes; up to 40 candidates, so both the
+    # rank-counting path (<= 16) and the sorting path run
+    values = st.sampled_from([0.0, -0.0, 0.5, -0.5, 1.0, 5e-324, -5e-324, 1e300, -1e300])
+    if dtype == np.float32:
+        values = st.sampled_from([0.0, -0.0, 0.5, -0.5, 1.0, 1e-45, -1e-45, 3e38, -3e38])
+    score = st.one_of(values, st.floats(-1.0, 1.0, width=32 if dtype == np.float32 else 64))
+    size = draw(st.integers(1, 40))
+    scores = draw(st.lists(score, min_size=size, max_size=size))
+    relevant = draw(st.lists(st.booleans(), min_size=size, max_size=size))
+    relevant[draw(st.integers(0, size - 1))] = True
+    return scores, relevant
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data(), dtype=st.sampled_from([np.float32, np.float64]))
+def test_drawn_groups_match_reference(data, dtype):
+    groups = [_draw_group(data.draw, dtype) for _ in range(data.draw(st.integers(1, 4)))]
+    scores = np.array([s for g in groups for s in g[0]], dtype=dtype)
+    relevant = np.array([r for g in groups for r in g[1]])
+    offsets = np.cumsum([0] + [len(g[0]) for g in groups])
+    got = ranking_metrics(scores, relevant, offsets, per_group=True)
+    want, per = reference_metrics(scores.astype(np.float64), relevant, offsets)
+    assert_metrics_close(got, want)
+    np.testing.assert_allclose(got["per_group"]["wpr"], [p["wpr"] for p in per], rtol=1e-12)
+    np.testing.assert_allclose(got["per_group"]["average_precision"], [p["ap"] for p in per],
+                               rtol=1e-12)
+
+
+def sorted_reference_group(scores: np.ndarray, relevant: np.ndarray):
+    """One (large) group from a stable sort on (score descending, irrelevant first)."""
+    order = np.lexsort((relevant, -scores))  # last key first; lexsort is stable (input order)
+    s, r = scores[order], relevant[order]
+    rank = np.arange(1, s.size + 1)
+    hits = np.cumsum(r)
+    parallel = np.concatenate([s[r], s[~r]])
+    mismatch = r != (np.arange(s.size) < r.sum())
+    return {
+        "mp1": float(r[0]),
+        "mrr": 1.0 / rank[r][0],
+        "map": float(np.mean(hits[r] / rank[r])),
+        "wpr": float(np.abs(s - parallel)[mismatch].mean()) if mismatch.any() else 0.0,
+        "ranking_accuracy": float(not mismatch.any()),
+    }
+
+
+@pytest.mark.parametrize("tie_levels", [None, 50])
+def test_large_group_matches_sorted_reference(tie_levels):
+    rng = np.random.default_rng(7)
+    n = 100_000
+    scores = rng.uniform(-1, 1, n) if tie_levels is None else \
+        rng.integers(-tie_levels, tie_levels + 1, n) / tie_levels
+    relevant = rng.random(n) < 0.2
+    got = ranking_metrics(scores, relevant, [0, n])
+    for key, value in sorted_reference_group(scores, relevant).items():
+        assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
