@@ -1,4 +1,4 @@
-"""Ranking metrics (SPEC §5): the C++ extension against numpy, pandas and ranx.
+"""Ranking metrics (docs/metrics.md): the C++ extension against numpy, pandas and ranx.
 
 Run (benchmark-only; nothing here is a plain test)::
 
@@ -89,7 +89,7 @@ _ONE = np.uint64(1)
 
 
 def _sorted_candidates(scores, relevant, sizes):
-    """Candidates of every group in SPEC §5 order: score descending, irrelevant first on ties.
+    """Candidates of every group in docs/metrics.md order: score descending, irrelevant first on ties.
 
     float32 scores: one ``np.sort`` of a uint64 key ``group << 33 | desc(score) << 1 | relevant``
     (``desc`` maps float32 order-reversingly onto uint32); the sorted key is decoded back into
@@ -119,7 +119,7 @@ def _sorted_candidates(scores, relevant, sizes):
 
 
 def numpy_ranking_metrics(similarity, relevant, offsets):
-    """The six ranking metrics of SPEC §5 over ragged groups, vectorised numpy (no group loop).
+    """The six ranking metrics of docs/metrics.md over ragged groups, vectorised numpy (no group loop).
 
     Same contract and values as :func:`sort_fast.metrics.ranking_metrics` (without
     ``per_group``); raises ValueError on NaN scores, empty groups or groups without a
@@ -249,7 +249,7 @@ def make_ranx(num_groups: int):
 
 
 def _tied_groups(num_groups: int) -> np.ndarray:
-    """bool [N]: the group holds two equal scores (where ranx and SPEC §5 may disagree)."""
+    """bool [N]: the group holds two equal scores (where ranx and docs/metrics.md may disagree)."""
     scores, _, offsets = make_groups(num_groups)
     sizes = np.diff(offsets)
     group = np.repeat(np.arange(num_groups), sizes)

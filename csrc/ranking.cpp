@@ -1,4 +1,4 @@
-// Ranking metrics over ragged groups of candidates (SPEC §5).
+// Ranking metrics over ragged groups of candidates (docs/metrics.md).
 //
 // Candidates are ranked by score descending, irrelevant before relevant on equal scores, then
 // input order. Groups of up to kSmallGroup candidates count each candidate's rank over all pairs
@@ -37,7 +37,7 @@ struct Candidate {
   int64_t index;
 };
 
-// SPEC §5 ordering: ties are broken pessimistically (irrelevant first), then by input order.
+// docs/metrics.md ordering: ties are broken pessimistically (irrelevant first), then by input order.
 inline bool ranks_before(const Candidate& a, const Candidate& b) {
   if (a.score != b.score) return a.score > b.score;
   if (a.relevant != b.relevant) return a.relevant < b.relevant;
@@ -109,7 +109,7 @@ GroupError load_group(const Score* score, const uint8_t* relevant, int64_t n, St
 // relevance pattern is data and would defeat branch prediction); `parallel` has room for n.
 void metrics_from_ranking(const double* ranked_score, const uint8_t* ranked_relevant, int64_t n,
                           int64_t num_relevant, double* parallel, GroupMetrics& out) {
-  // The parallel list of SPEC §5 (WPR): relevant candidates first, each part in ranked order.
+  // The parallel list of docs/metrics.md (WPR): relevant candidates first, each part in ranked order.
   int64_t nr = 0, ni = num_relevant;
   for (int64_t p = 0; p < n; ++p) {
     const bool r = ranked_relevant[p];
@@ -199,7 +199,7 @@ template <typename Score>
     const Key before = counts & ((Key(1) << kRelevantShift) - 1);
     const Key relevant_before = counts >> kRelevantShift;
     rank[j] = before;
-    // The parallel list of SPEC §5 (WPR): relevant candidates first, each part in ranked order.
+    // The parallel list of docs/metrics.md (WPR): relevant candidates first, each part in ranked order.
     parallel_pos[j] = rj ? relevant_before : num_relevant + before - relevant_before;
     mismatch[j] = rj != static_cast<Key>(before < num_relevant);
     mismatches += mismatch[j];
@@ -373,7 +373,7 @@ void require_1d_contiguous(const py::array& a, const char* name) {
     throw py::value_error(std::string(name) + " must be C-contiguous");
 }
 
-// Validates offsets (SPEC §2 for candidates) and returns the largest group size.
+// Validates offsets (docs/ops.md, for candidates) and returns the largest group size.
 int64_t check_offsets(const int64_t* offsets, int64_t num_groups, int64_t num_candidates) {
   if (offsets[0] != 0)
     throw py::value_error("offsets[0] must be 0, got " + std::to_string(offsets[0]));

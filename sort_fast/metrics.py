@@ -1,4 +1,4 @@
-"""Ranking and consistency metrics (SPEC §5).
+"""Ranking and consistency metrics (docs/metrics.md).
 
 The ranking metrics run in the C++ extension ``sort_fast._ranking`` (parallel over groups, GIL
 released); this module converts and checks inputs and offers the packed-layout helpers.
@@ -120,13 +120,16 @@ def ranking_metrics_packed(
     num_sub: torch.Tensor,
     **kwargs: Any,
 ) -> Dict[str, Any]:
-    """Ranking metrics from the packed layout of the rest of the library (SPEC §2).
+    """Ranking metrics from the packed layout of the rest of the library (docs/ops.md).
 
     ``similarity`` is ``[T]`` over all packed rows (as returned by
     :func:`sort_fast.gradcam_similarity`); the reasoning rows are dropped and sub-questions are
     the relevant candidates. Keyword arguments go to :func:`ranking_metrics`.
     """
     scores = torch.as_tensor(_as_scores(similarity))
+    if scores.dim() != 1:
+        raise ValueError(f"similarity must be 1-D [T] (one score per packed row), got shape "
+                         f"{tuple(scores.shape)}")
     offsets, num_sub = torch.as_tensor(offsets).cpu(), torch.as_tensor(num_sub).cpu()
     rows, relevant, candidate_offsets = candidate_layout(offsets, num_sub, scores.numel())
     return ranking_metrics(scores[rows], relevant, candidate_offsets, **kwargs)
@@ -157,7 +160,7 @@ def _as_vqa_score(x: ArrayLike, shape: tuple) -> np.ndarray:
 
 
 class ConsistencyMeter:
-    """Pools consistency quadrants and per-role accuracy over batches (SPEC §5).
+    """Pools consistency quadrants and per-role accuracy over batches (docs/metrics.md).
 
     Counts are pooled over all ``<reasoning, sub-question>`` pairs seen, not averaged per batch.
     An update that raises (every input is validated first) adds nothing.
@@ -210,7 +213,7 @@ class ConsistencyMeter:
         num_sub: torch.Tensor,
         vqa_score: Optional[ArrayLike] = None,
     ) -> None:
-        """Adds a packed batch: ``correct [T]`` bool over all rows, the layout of SPEC §2 and
+        """Adds a packed batch: ``correct [T]`` bool over all rows, the layout of docs/ops.md and
         optionally the soft VQA score ``[T]`` of each row's predicted answer."""
         c = _as_bool(correct, "correct")
         offsets, num_sub = torch.as_tensor(offsets).cpu(), torch.as_tensor(num_sub).cpu()
@@ -264,7 +267,7 @@ def consistency(
     *,
     irrelevant_correct: Optional[ArrayLike] = None,
 ) -> Dict[str, Any]:
-    """Consistency quadrants over ``<reasoning, sub-question>`` pairs (SPEC §5).
+    """Consistency quadrants over ``<reasoning, sub-question>`` pairs (docs/metrics.md).
 
     ``reasoning_correct [N]``, ``sub_correct [sum(num_sub)]`` grouped in order, ``num_sub [N]``.
     Returns the fractions ``r_right_s_right``, ``r_right_s_wrong``, ``r_wrong_s_right``,

@@ -1,4 +1,4 @@
-"""Ranking metrics (C++ extension) and consistency against plain-Python references (SPEC §5)."""
+"""Ranking metrics (C++ extension) and consistency against plain-Python references (docs/metrics.md)."""
 
 import threading
 
@@ -13,7 +13,7 @@ from sort_fast.metrics import ConsistencyMeter, consistency, ranking_metrics, ra
 
 # ----------------------------------------------------------------------------- references
 def reference_group(scores, relevant):
-    """One group, written from the SPEC's words with pairwise rank counting (no shared code)."""
+    """One group, written from the words of docs/metrics.md with pairwise rank counting (no shared code)."""
     n = len(scores)
 
     def rank(j):  # 1-based; ties: irrelevant first, then input order
@@ -414,3 +414,9 @@ def test_large_group_matches_sorted_reference(tie_levels):
     got = ranking_metrics(scores, relevant, [0, n])
     for key, value in sorted_reference_group(scores, relevant).items():
         assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
+
+
+def test_packed_similarity_must_be_one_dimensional():
+    offsets, num_sub = torch.tensor([0, 3, 6]), torch.tensor([1, 1])
+    with pytest.raises(ValueError, match=r"similarity must be 1-D \[T\]"):
+        ranking_metrics_packed(torch.rand(1, 6), offsets, num_sub)
