@@ -89,7 +89,8 @@ _ONE = np.uint64(1)
 
 
 def _sorted_candidates(scores, relevant, sizes):
-    """Candidates of every group in docs/metrics.md order: score descending, irrelevant first on ties.
+    """Candidates of every group in the order of docs/metrics.md: score descending, irrelevant
+    first on ties.
 
     float32 scores: one ``np.sort`` of a uint64 key ``group << 33 | desc(score) << 1 | relevant``
     (``desc`` maps float32 order-reversingly onto uint32); the sorted key is decoded back into
@@ -119,7 +120,8 @@ def _sorted_candidates(scores, relevant, sizes):
 
 
 def numpy_ranking_metrics(similarity, relevant, offsets):
-    """The six ranking metrics of docs/metrics.md over ragged groups, vectorised numpy (no group loop).
+    """The six ranking metrics (docs/metrics.md) over ragged groups, vectorised numpy (no group
+    loop).
 
     Same contract and values as :func:`sort_fast.metrics.ranking_metrics` (without
     ``per_group``); raises ValueError on NaN scores, empty groups or groups without a

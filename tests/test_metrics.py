@@ -1,4 +1,5 @@
-"""Ranking metrics (C++ extension) and consistency against plain-Python references (docs/metrics.md)."""
+"""Ranking metrics (C++ extension) and consistency against plain-Python references of
+docs/metrics.md."""
 
 import threading
 
@@ -13,7 +14,8 @@ from sort_fast.metrics import ConsistencyMeter, consistency, ranking_metrics, ra
 
 # ----------------------------------------------------------------------------- references
 def reference_group(scores, relevant):
-    """One group, written from the words of docs/metrics.md with pairwise rank counting (no shared code)."""
+    """One group, written from the words of docs/metrics.md with pairwise rank counting (no
+    shared code)."""
     n = len(scores)
 
     def rank(j):  # 1-based; ties: irrelevant first, then input order
