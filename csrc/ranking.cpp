@@ -37,7 +37,8 @@ struct Candidate {
   int64_t index;
 };
 
-// docs/metrics.md ordering: ties are broken pessimistically (irrelevant first), then by input order.
+// The order of docs/metrics.md: ties are broken pessimistically (irrelevant first), then by
+// input order.
 inline bool ranks_before(const Candidate& a, const Candidate& b) {
   if (a.score != b.score) return a.score > b.score;
   if (a.relevant != b.relevant) return a.relevant < b.relevant;
@@ -109,7 +110,7 @@ GroupError load_group(const Score* score, const uint8_t* relevant, int64_t n, St
 // relevance pattern is data and would defeat branch prediction); `parallel` has room for n.
 void metrics_from_ranking(const double* ranked_score, const uint8_t* ranked_relevant, int64_t n,
                           int64_t num_relevant, double* parallel, GroupMetrics& out) {
-  // The parallel list of docs/metrics.md (WPR): relevant candidates first, each part in ranked order.
+  // The parallel list of WPR (docs/metrics.md): relevant first, each part in ranked order.
   int64_t nr = 0, ni = num_relevant;
   for (int64_t p = 0; p < n; ++p) {
     const bool r = ranked_relevant[p];
@@ -199,7 +200,7 @@ template <typename Score>
     const Key before = counts & ((Key(1) << kRelevantShift) - 1);
     const Key relevant_before = counts >> kRelevantShift;
     rank[j] = before;
-    // The parallel list of docs/metrics.md (WPR): relevant candidates first, each part in ranked order.
+    // The parallel list of WPR (docs/metrics.md): relevant first, each part in ranked order.
     parallel_pos[j] = rj ? relevant_before : num_relevant + before - relevant_before;
     mismatch[j] = rj != static_cast<Key>(before < num_relevant);
     mismatches += mismatch[j];
