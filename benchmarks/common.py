@@ -12,7 +12,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 def packed_layout(num_groups: int, seed: int = 0,
                   device: torch.device = DEVICE) -> Tuple[torch.Tensor, torch.Tensor]:
     """A layout shaped like the paper's data (docs/synthetic_benchmark.md): 1..4 sub-questions
-    (mean 2.5) and 6..8 irrelevant questions per reasoning question. Returns ``offsets [N+1]``, ``num_sub [N]``."""
+    (mean 2.5) and 6..8 irrelevant questions per reasoning question. Returns ``offsets [N+1]``,
+    ``num_sub [N]``."""
     gen = torch.Generator().manual_seed(seed)
     num_sub = torch.randint(1, 5, (num_groups,), generator=gen)
     num_irr = torch.randint(6, 9, (num_groups,), generator=gen)
