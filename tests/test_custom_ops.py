@@ -264,3 +264,27 @@ def test_pythia_training_step_makes_no_host_sync(monkeypatch):
         parts["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
     optimizer.step()
     assert torch.isfinite(torch.stack(list(parts.values()))).all()
+
+
+@pytest.mark.parametrize("normalize, affine", [(True, True), (True, False), (False, False)])
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu"])
+def test_norm_act_gradcam_op(normalize, affine, activation):
+    """The LayerNorm/activation op of the transformer heads: opcheck (schema, fake, autograd
+    registration) and its hand-written backward against finite differences (float64)."""
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(5, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    gamma = (torch.rand(7, generator=gen, dtype=torch.float64) + 0.5).requires_grad_() \
+        if affine else None
+    beta = torch.randn(7, generator=gen, dtype=torch.float64).requires_grad_() if affine else None
+    rows = torch.randn(5, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    args = (z, gamma, beta, rows, 1e-5, normalize, activation)
+    torch.library.opcheck(hg.norm_act_gradcam, args)
+    leaves = [t for t in (z, gamma, beta, rows) if t is not None]
+
+    def first_output(*xs):
+        it = iter(xs)
+        full = [next(it) if t is not None else None for t in (z, gamma, beta, rows)]
+        return hg.norm_act_gradcam(*full, 1e-5, normalize, activation)
+
+    if activation != "relu":  # ReLU's kink makes finite differences meaningless at 0
+        assert torch.autograd.gradcheck(first_output, leaves)
