@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ._launch import Launch, run_launches
+from .contrastive_loss import accumulation_dtype
 
 # Rows of one tile; a group with more rows is processed in several tiles.
 BLOCK_Q = 16
@@ -51,11 +52,6 @@ def launch_config(dim: int, dtype: torch.dtype) -> Dict[str, int]:
     block_d = min(widest, max(16, triton.next_power_of_2(dim)))
     return dict(D=dim, BLOCK_Q=BLOCK_Q, BLOCK_D=block_d, N_CHUNKS=triton.cdiv(dim, block_d),
                 num_warps=NUM_WARPS)
-
-
-def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """float64 when any input is float64, else float32."""
-    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}

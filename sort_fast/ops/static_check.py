@@ -17,6 +17,7 @@ kernels by Python functions, which cannot be compiled).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -216,7 +217,8 @@ def _check_one(job: Tuple[str, str, Any, int, str, Dict[str, Any], int, int]) ->
                       error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
 
 
-def jobs(archs: Sequence[int] = ARCHS) -> List[Tuple]:
+@functools.lru_cache(maxsize=None)  # a worker process builds the list once, not per job
+def jobs(archs: Tuple[int, ...] = ARCHS) -> List[Tuple]:
     """Every (launch, config, architecture) to compile. The head products are not built for
     sm_75: Triton emits no tensor-core instructions for them there (it spills and uses
     ``fma.f32``), so the API runs them through ``torch.matmul`` below sm_80."""
@@ -235,7 +237,7 @@ def run(archs: Sequence[int] = ARCHS, workers: int = 0) -> List[Record]:
     """Compiles every job (in ``workers`` processes; 0: one per CPU) and returns the records."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("the static check needs TRITON_INTERPRET unset (or 0)")
-    todo = jobs(archs)
+    todo = jobs(tuple(archs))
     workers = workers or os.cpu_count() or 1
     if workers == 1:
         return [_check_one(j) for j in todo]
