@@ -1,4 +1,5 @@
-"""One ``<image, reasoning question>`` group and the packed batch built from several (docs/ops.md)."""
+"""One ``<image, reasoning question>`` group and the packed batch built from several
+(docs/ops.md)."""
 from __future__ import annotations
 
 import dataclasses

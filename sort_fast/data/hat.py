@@ -1,4 +1,5 @@
-"""VQA-HAT human attention maps (docs/data_formats.md) and region weights painted onto the same grid."""
+"""VQA-HAT human attention maps (docs/data_formats.md) and region weights painted onto the same
+grid."""
 from __future__ import annotations
 
 import os
