@@ -77,10 +77,10 @@ def _adopt_stored_flags(args: argparse.Namespace, stored: Dict[str, Any]) -> Non
     it (all mismatches in one message)."""
     given = set(getattr(args, "explicit", ()))
     defaults = build_train_parser()
-    changed = [f"--{name.replace('_', '-')} {stored.get(name, defaults.get_default(name))!r} "
-               f"(this run: {getattr(args, name)!r})" for name in TRAJECTORY_FLAGS
-               if name in given and stored.get(name, defaults.get_default(name))
-               != getattr(args, name)]
+    trained = {name: stored.get(name, defaults.get_default(name)) for name in TRAJECTORY_FLAGS}
+    changed = [f"--{name.replace('_', '-')} {value!r} (this run: {getattr(args, name)!r})"
+               for name, value in trained.items()
+               if name in given and value != getattr(args, name)]
     if changed:
         raise CLIError("cannot resume: the checkpoint was trained with " + ", ".join(changed)
                        + "; leave these flags out to continue with the checkpoint's values")
