@@ -9,16 +9,25 @@ Run (benchmark-only; nothing here is a plain test)::
 ``--benchmark-full`` (see ``common.FULL_ONLY``). pandas and ranx are optional: their benchmarks
 are skipped where they are not installed.
 
-Data: N groups (10k, 100k, 1M) of 5..13 candidates (mean 9), about 1/3 relevant, every group
-with at least one relevant candidate, float32 scores uniform in [-1, 1], fixed seed. Data and
-each competitor's input conversion are built once per module (cached) and are not timed.
+Data: N groups (10k, 100k, 1M) of 5..13 candidates (mean 9, layout ``ragged``), and at 1M also
+groups of exactly 9 (layout ``fixed9``); about 1/3 relevant, every group with at least one
+relevant candidate, float32 scores uniform in [-1, 1], fixed seed. Data and each competitor's
+input conversion are built once per module (cached) and are not timed.
 
-Competitors, one pytest-benchmark group per size (``ranking-<N>``):
+Competitors, one pytest-benchmark group per size and layout (``ranking-<N>-<layout>``):
 
 * ``extension`` / ``extension_1thread``: ``sort_fast.metrics.ranking_metrics`` with all cores
   and with ``num_threads=1``.
 * ``numpy``: :func:`numpy_ranking_metrics` below, fully vectorised (one sort of a packed
-  uint64 key, cumsum / reduceat for every metric, no Python loop over groups).
+  uint64 key, cumsum / reduceat for every metric, no Python loop over groups). The fastest numpy
+  for all six metrics that we found.
+* ``numpy_pairwise``: :func:`numpy_pairwise_ranking_metrics`, sort-free: groups padded to a
+  ``[N, width]`` matrix, every candidate's rank counted over all pairs in ``[B, width, width]``
+  blocks, the extension's method in numpy. About 3x slower than ``numpy``: a pairwise count does
+  ``width`` times the work of a sort per candidate, and numpy cannot keep it in registers.
+* ``numpy_mp1_mrr``: MP@1 and MRR only, sort-free (per-group maxima with ``reduceat``): the
+  fastest numpy we found for those two metrics. It computes two of the six metrics, so it is a
+  reference point, not a like-for-like competitor.
 * ``pandas``: the original authors' approach (one DataFrame row per candidate, ``sort_values``,
   ``groupby`` and a Python loop over groups); 10k groups only.
 * ``ranx`` / ``ranx_nosave``: ``ranx.evaluate(qrels, run, ["precision@1", "mrr", "map"])``
@@ -50,6 +59,9 @@ import pytest
 from sort_fast.metrics import ranking_metrics
 
 SIZES = [10_000, 100_000, 1_000_000]
+# (num_groups, layout) of the extension and numpy benchmarks
+CASES = [(n, "ragged") for n in SIZES] + [(1_000_000, "fixed9")]
+CASE_IDS = [f"{n}-{layout}" for n, layout in CASES]
 PANDAS_SIZES = [10_000]
 RANX_SIZES = [10_000, 100_000]  # 1M skipped: see _ranx_bench
 SEED = 1234
@@ -64,10 +76,11 @@ def _report(msg: str) -> None:
 
 # ----------------------------------------------------------------------------- data
 @functools.lru_cache(maxsize=None)
-def make_groups(num_groups: int, seed: int = SEED):
-    """``(scores float32 [C], relevant bool [C], offsets int64 [N+1])``, deterministic."""
+def make_groups(num_groups: int, layout: str = "ragged", seed: int = SEED):
+    """``(scores float32 [C], relevant bool [C], offsets int64 [N+1])``, deterministic; groups
+    of 5..13 candidates (``ragged``) or of exactly 9 (``fixed9``)."""
     rng = np.random.default_rng(seed + num_groups)
-    sizes = rng.integers(5, 14, num_groups)
+    sizes = rng.integers(5, 14, num_groups) if layout == "ragged" else np.full(num_groups, 9)
     offsets = np.zeros(num_groups + 1, np.int64)
     np.cumsum(sizes, out=offsets[1:])
     total = int(offsets[-1])
@@ -79,8 +92,8 @@ def make_groups(num_groups: int, seed: int = SEED):
 
 
 @functools.lru_cache(maxsize=None)
-def extension_reference(num_groups: int):
-    return ranking_metrics(*make_groups(num_groups), per_group=True)
+def extension_reference(num_groups: int, layout: str = "ragged"):
+    return ranking_metrics(*make_groups(num_groups, layout), per_group=True)
 
 
 # ----------------------------------------------------------------------------- numpy
@@ -182,6 +195,84 @@ def numpy_ranking_metrics(similarity, relevant, offsets):
         "groups": n,
         "misranked_groups": misranked,
     }
+
+
+def numpy_pairwise_ranking_metrics(similarity, relevant, offsets, block_groups: int = 1 << 14):
+    """The six ranking metrics, sort-free: every candidate's rank counted over all pairs of its
+    group, as the extension does, in ``[B, width, width]`` numpy blocks of ``block_groups``.
+
+    Same values as :func:`numpy_ranking_metrics` (valid input assumed: no checks).
+    """
+    scores = np.asarray(similarity)
+    rel = np.asarray(relevant, dtype=bool)
+    off = np.asarray(offsets, dtype=np.int64)
+    sizes = np.diff(off)
+    n = sizes.size
+    width = int(sizes.max())
+    # padded [N, width]: padding scores -inf (ranked last), irrelevant
+    slot = (np.repeat(np.arange(n, dtype=np.int64) * width - off[:-1], sizes)
+            + np.arange(scores.size, dtype=np.int64))
+    padded_s = np.full(n * width, -np.inf, np.float64)
+    padded_s[slot] = scores
+    padded_r = np.zeros(n * width, bool)
+    padded_r[slot] = rel
+    padded_s = padded_s.reshape(n, width)
+    padded_r = padded_r.reshape(n, width)
+    valid = np.arange(width) < sizes[:, None]
+    column = np.arange(width)
+    top = ranked_correctly = 0
+    rr_sum = wpr_sum = ap_sum = 0.0
+    for a in range(0, n, block_groups):
+        s, r, v = (x[a:a + block_groups] for x in (padded_s, padded_r, valid))
+        key = r * width + column  # equal scores: irrelevant first, then input order
+        first = (s[:, :, None] > s[:, None, :]) | (
+            (s[:, :, None] == s[:, None, :]) & (key[:, :, None] < key[:, None, :]))
+        first &= v[:, :, None]  # [B, i, j]: i ranks before j
+        before = first.sum(1, dtype=np.int64)
+        relevant_before = (first & r[:, :, None]).sum(1, dtype=np.int64)
+        num_rel = r.sum(1)
+        first_hit = np.where(r, before, width).min(1)
+        top += int(np.count_nonzero(first_hit == 0))
+        rr_sum += float((1.0 / (first_hit + 1.0)).sum())
+        ap_sum += float((np.where(r, (relevant_before + 1.0) / (before + 1.0), 0.0).sum(1)
+                         / num_rel).sum())
+        mismatch = v & (r != (before < num_rel[:, None]))
+        num_mis = mismatch.sum(1)
+        ranked_correctly += int(np.count_nonzero(num_mis == 0))
+        # the parallel list's entry at each candidate's rank, by matching positions
+        parallel_pos = np.where(r, relevant_before, num_rel[:, None] + before - relevant_before)
+        parallel_pos[~v] = -1
+        match = parallel_pos[:, :, None] == before[:, None, :]  # [B, k, j]
+        at_rank = np.where(match, s[:, :, None], 0.0).sum(1)
+        gaps = np.where(mismatch, np.abs(s - at_rank), 0.0).sum(1)
+        wpr_sum += float((gaps / np.maximum(num_mis, 1)).sum())
+    misranked = n - ranked_correctly
+    return {
+        "mp1": top / n,
+        "ranking_accuracy": ranked_correctly / n,
+        "mrr": rr_sum / n,
+        "wpr": wpr_sum / n,
+        "wpr_misranked": wpr_sum / misranked if misranked else 0.0,
+        "map": ap_sum / n,
+        "groups": n,
+        "misranked_groups": misranked,
+    }
+
+
+def numpy_mp1_mrr(similarity, relevant, offsets):
+    """MP@1 and MRR only, sort-free: the first relevant candidate in the ranking is the relevant
+    one with the highest score, and it ranks below exactly the irrelevant candidates scoring at
+    least as high (ties: irrelevant first), so one per-group maximum and one count suffice."""
+    scores = np.asarray(similarity)
+    rel = np.asarray(relevant, dtype=bool)
+    off = np.asarray(offsets, dtype=np.int64)
+    starts = off[:-1]
+    best_relevant = np.maximum.reduceat(np.where(rel, scores, -np.inf), starts)
+    above = ~rel & (scores >= np.repeat(best_relevant, np.diff(off)))
+    first_hit = np.add.reduceat(above, starts, dtype=np.int64)
+    n = starts.size
+    return {"mp1": float(np.count_nonzero(first_hit == 0)) / n,
+            "mrr": float((1.0 / (first_hit + 1.0)).sum()) / n}
 
 
 # ----------------------------------------------------------------------------- pandas
@@ -332,44 +423,59 @@ def _pedantic_rounds(num_groups: int) -> int:
     return 5 if num_groups >= 1_000_000 else 10
 
 
-@pytest.mark.parametrize("num_groups", SIZES)
-def test_extension(benchmark, num_groups):
-    benchmark.group = f"ranking-{num_groups}"
-    data = make_groups(num_groups)
-    want = extension_reference(num_groups)
+def _case(benchmark, num_groups, layout):
+    benchmark.group = f"ranking-{num_groups}-{layout}"
+    return make_groups(num_groups, layout), extension_reference(num_groups, layout)
+
+
+@pytest.mark.parametrize("num_groups,layout", CASES, ids=CASE_IDS)
+def test_extension(benchmark, num_groups, layout):
+    data, want = _case(benchmark, num_groups, layout)
     got = benchmark(ranking_metrics, *data)
     assert got == {k: v for k, v in want.items() if k != "per_group"}
     benchmark.extra_info["threads"] = os.cpu_count()
     _record_memory(benchmark, "extension", num_groups, ranking_metrics, *data)
 
 
-@pytest.mark.parametrize("num_groups", SIZES)
-def test_extension_1thread(benchmark, num_groups):
-    benchmark.group = f"ranking-{num_groups}"
-    data = make_groups(num_groups)
-    want = extension_reference(num_groups)
+@pytest.mark.parametrize("num_groups,layout", CASES, ids=CASE_IDS)
+def test_extension_1thread(benchmark, num_groups, layout):
+    data, want = _case(benchmark, num_groups, layout)
     got = benchmark(ranking_metrics, *data, num_threads=1)
     assert got == {k: v for k, v in want.items() if k != "per_group"}  # thread-count invariant
     benchmark.extra_info["threads"] = 1
 
 
-@pytest.mark.parametrize("num_groups", SIZES)
-def test_numpy(benchmark, num_groups):
-    benchmark.group = f"ranking-{num_groups}"
-    data = make_groups(num_groups)
-    want = extension_reference(num_groups)
-    got = numpy_ranking_metrics(*data)
-    for key in METRICS:
+def _numpy_bench(benchmark, name, fn, num_groups, layout, metrics=METRICS):
+    data, want = _case(benchmark, num_groups, layout)
+    got = fn(*data)
+    for key in metrics:
         assert got[key] == pytest.approx(want[key], rel=0, abs=1e-9), key
-    assert got["misranked_groups"] == want["misranked_groups"]
-    benchmark.pedantic(numpy_ranking_metrics, args=data, rounds=_pedantic_rounds(num_groups),
-                       iterations=1, warmup_rounds=1)
-    _record_memory(benchmark, "numpy", num_groups, numpy_ranking_metrics, *data)
+    if "misranked_groups" in got:
+        assert got["misranked_groups"] == want["misranked_groups"]
+    benchmark.pedantic(fn, args=data, rounds=_pedantic_rounds(num_groups), iterations=1,
+                       warmup_rounds=1)
+    _record_memory(benchmark, name, num_groups, fn, *data)
+
+
+@pytest.mark.parametrize("num_groups,layout", CASES, ids=CASE_IDS)
+def test_numpy(benchmark, num_groups, layout):
+    _numpy_bench(benchmark, "numpy", numpy_ranking_metrics, num_groups, layout)
+
+
+@pytest.mark.parametrize("num_groups,layout", CASES, ids=CASE_IDS)
+def test_numpy_pairwise(benchmark, num_groups, layout):
+    _numpy_bench(benchmark, "numpy_pairwise", numpy_pairwise_ranking_metrics, num_groups, layout)
+
+
+@pytest.mark.parametrize("num_groups,layout", CASES, ids=CASE_IDS)
+def test_numpy_mp1_mrr(benchmark, num_groups, layout):
+    _numpy_bench(benchmark, "numpy_mp1_mrr", numpy_mp1_mrr, num_groups, layout,
+                 metrics=("mp1", "mrr"))
 
 
 @pytest.mark.parametrize("num_groups", PANDAS_SIZES)
 def test_pandas(benchmark, num_groups):
-    benchmark.group = f"ranking-{num_groups}"
+    benchmark.group = f"ranking-{num_groups}-ragged"
     df = make_dataframe(num_groups)
     want = extension_reference(num_groups)
     got = pandas_ranking_metrics(df)
@@ -386,7 +492,7 @@ def _ranx_bench(benchmark, num_groups, save):
                     "measured, ~2.5 min and ~10 GB extrapolated at 1M groups)")
     evaluate = pytest.importorskip("ranx").evaluate
 
-    benchmark.group = f"ranking-{num_groups}"
+    benchmark.group = f"ranking-{num_groups}-ragged"
     qrels, run, build_s = make_ranx(num_groups)
     tied = check_ranx(num_groups, qrels, run)
     benchmark.extra_info["conversion_s"] = round(build_s, 2)

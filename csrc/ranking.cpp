@@ -1,11 +1,12 @@
 // Ranking metrics over ragged groups of candidates (docs/metrics.md).
 //
 // Candidates are ranked by score descending, irrelevant before relevant on equal scores, then
-// input order. Groups of up to kSmallGroup candidates count each candidate's rank over all pairs
-// (branch-free, SIMD, AVX2 where the CPU has it); larger groups are sorted into per-thread scratch
-// space and read in one pass. Groups are processed in fixed-size blocks pulled by worker threads
-// with the GIL released; block sums are added in block order, so results do not depend on the
-// thread count.
+// input order. Groups of up to kSmallGroup candidates count each candidate's rank over all pairs,
+// kLanes groups of equal size at a time in a structure-of-arrays layout (branch-free, SIMD over
+// groups, AVX2 where the CPU has it); larger groups are sorted into per-thread scratch space and
+// read in one pass. Groups are processed in fixed-size blocks pulled by worker threads with the
+// GIL released; block sums are added in block order, so results do not depend on the thread
+// count.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -13,10 +14,12 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace py = pybind11;
@@ -73,11 +76,13 @@ struct Scratch {
   std::vector<Candidate> candidates;
   std::vector<double> ranked_scores, parallel;
   std::vector<uint8_t> ranked_relevant;
+  std::vector<int64_t> order;  // a block's small groups, by size
   explicit Scratch(int64_t max_group)
       : candidates(max_group),
         ranked_scores(max_group),
         parallel(max_group),
-        ranked_relevant(max_group) {}
+        ranked_relevant(max_group),
+        order(kBlockGroups) {}
 };
 
 // A group's error from what the scan of its candidates found.
@@ -140,88 +145,188 @@ void metrics_from_ranking(const double* ranked_score, const uint8_t* ranked_rele
   out.average_precision = precision_sum / static_cast<double>(num_relevant);
 }
 
-// Groups of at most kSmallGroup candidates, without sorting: for each candidate j, its 0-based
-// rank `before` and the relevant candidates ranked before it are counted over all lanes i at once
-// (branch-free, fixed-size arrays, SIMD over i, reduced into registers: a value stored by vector
-// lanes and read back one lane at a time would stall on store forwarding). The parallel list is
-// then filled by its positions and read at each candidate's rank. `available` counts the
-// candidates from this group's first to the end of the arrays.
+// Up to kLanes groups of at most kSmallGroup candidates each, ranked without sorting. Structure
+// of arrays: candidate j of lane l sits at [j][l], and every operation below acts on all lanes at
+// once as GCC vector types (8-lane SIMD over groups, no per-group branches). For each candidate j
+// its 0-based rank `before` and the relevant candidates ranked before it are counted over all
+// candidates i (branch-free rank counting). Lanes beyond `num_lanes`, and candidates beyond a
+// group's size, are masked off. The values equal the sorting path's up to the order of the
+// floating-point sums (AP here is even exact: one rounding of an integer ratio).
+constexpr int kLanes = 8;
+
+template <typename T>
+using Lanes [[gnu::vector_size(kLanes * sizeof(T))]] = T;
+template <typename T>
+using Lanes4 [[gnu::vector_size(4 * sizeof(T))]] = T;
+
+// kLanes doubles (and masks selecting them) as two four-lane vectors, one AVX register each:
+// GCC moves eight-lane double vectors through general registers on AVX2.
+using Double4 = Lanes4<double>;
+using Mask4 = Lanes4<int64_t>;
+struct Doubles {
+  Double4 half[2];
+};
+struct Masks {
+  Mask4 half[2];
+};
+static_assert(kLanes == 8, "Doubles holds kLanes values");
+
+// The kLanes values of v, converted to double.
+template <typename V>
+[[gnu::always_inline]] inline Doubles as_doubles(const V& v) {
+  return {{__builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3), Double4),
+           __builtin_convertvector(__builtin_shufflevector(v, v, 4, 5, 6, 7), Double4)}};
+}
+
+// The kLanes masks (-1 or 0) of v, widened to select doubles.
+template <typename V>
+[[gnu::always_inline]] inline Masks as_masks(const V& v) {
+  return {{__builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3), Mask4),
+           __builtin_convertvector(__builtin_shufflevector(v, v, 4, 5, 6, 7), Mask4)}};
+}
+
+// The bits of `from` as a To (std::bit_cast, C++20).
+template <typename To, typename From>
+[[gnu::always_inline]] inline To bit_cast(const From& from) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast between different sizes");
+  To to;
+  std::memcpy(&to, &from, sizeof(To));
+  return to;
+}
+
+// The vector {values[at[0]], values[at[1]], ...}, assembled in registers.
+template <typename V, typename T, size_t... L>
+[[gnu::always_inline]] inline V load_lanes(const T* values, const int64_t* at,
+                                           std::index_sequence<L...>) {
+  return V{static_cast<std::remove_reference_t<decltype(V{}[0])>>(values[at[L]])...};
+}
+
+// Lane l holds the group of count[l] candidates from begin[l]; lanes >= num_lanes hold none.
 template <typename Score>
-[[gnu::always_inline]] inline GroupError evaluate_small(const Score* score,
-                                                       const uint8_t* relevant, int64_t n,
-                                                       int64_t available, GroupMetrics& out) {
+[[gnu::always_inline]] inline void evaluate_small_lanes(const Score* score,
+                                                       const uint8_t* relevant,
+                                                       const int64_t* begin, const int64_t* count,
+                                                       int num_lanes, GroupMetrics* out,
+                                                       GroupError* error) {
   constexpr int kW = kSmallGroup;
-  // Same width as Score so that score and integer comparisons share SIMD lanes.
+  // Same width as Score, so that a score comparison yields a mask of Key lanes.
   using Key = std::conditional_t<sizeof(Score) == 4, int32_t, int64_t>;
-  constexpr Key kRelevantKey = 2 * kW;
+  using ScoreV = Lanes<Score>;
+  using KeyV = Lanes<Key>;
   constexpr int kRelevantShift = 8;
-  // All kW lanes are read at once (lanes >= n hold later groups' candidates and are masked off);
-  // near the end of the arrays, from a zero-padded copy.
-  Score padded_score[kW];
-  uint8_t padded_relevant[kW];
-  if (available < kW) {
-    std::fill(std::copy_n(score, n, padded_score), padded_score + kW, Score(0));
-    std::fill(std::copy_n(relevant, n, padded_relevant), padded_relevant + kW, uint8_t(0));
-    score = padded_score;
-    relevant = padded_relevant;
+
+  KeyV size{};
+  int64_t first[kLanes], last[kLanes];
+  for (int l = 0; l < kLanes; ++l) {
+    const bool active = l < num_lanes;
+    size[l] = active ? static_cast<Key>(count[l]) : 0;
+    first[l] = begin[active ? l : 0];
+    last[l] = active ? count[l] - 1 : 0;  // lanes without a group read the first lane's first
   }
-  // Each lane is read once into owned storage. key orders equal scores: irrelevant before
-  // relevant, then input order.
-  // Lanes >= n get score -inf: they precede no candidate (an input -inf is an error).
-  alignas(64) Score s[kW];
-  alignas(64) Key rel[kW], key[kW], weight[kW];
-  Key nan = 0, non_finite = 0, num_relevant = 0;
-  for (int j = 0; j < kW; ++j) {
-    const Score v = score[j];
-    const Key in_group = j < n;
-    rel[j] = static_cast<Key>(relevant[j] != 0) & in_group;
-    s[j] = in_group ? v : -std::numeric_limits<Score>::infinity();
-    key[j] = rel[j] * kRelevantKey + j;
-    weight[j] = 1 + (rel[j] << kRelevantShift);
-    nan |= in_group & static_cast<Key>(v != v);
-    non_finite |= in_group & static_cast<Key>((v - v) != (v - v));  // v - v: 0, or NaN
+  Key rows = 0;
+  for (int l = 0; l < kLanes; ++l) rows = std::max(rows, size[l]);
+  // Each candidate is read once into owned storage (the caller may write meanwhile), lanes
+  // assembled in registers. Padding gets score -inf, so it precedes no candidate (an input -inf
+  // is an error), and weight 0.
+  constexpr Score kPadding = -std::numeric_limits<Score>::infinity();
+  ScoreV s[kW];
+  KeyV rel[kW], weight[kW];
+  KeyV nan{}, non_finite{}, num_relevant{};
+  for (Key j = 0; j < rows; ++j) {
+    int64_t at[kLanes];  // clamped into the group
+    for (int l = 0; l < kLanes; ++l) at[l] = first[l] + std::min<int64_t>(j, last[l]);
+    const ScoreV v = load_lanes<ScoreV>(score, at, std::make_index_sequence<kLanes>{});
+    const KeyV in_group = (KeyV{} + j) < size;
+    rel[j] = (load_lanes<KeyV>(relevant, at, std::make_index_sequence<kLanes>{}) != 0) &
+             in_group & 1;
+    s[j] = in_group ? v : ScoreV{} + kPadding;
+    weight[j] = in_group & (1 + (rel[j] << kRelevantShift));
+    nan |= in_group & (v != v);
+    non_finite |= in_group & ((v - v) != (v - v));  // v - v: 0, or NaN
     num_relevant += rel[j];
   }
-  const GroupError err = group_error(nan, non_finite, num_relevant);
-  if (err != GroupError::kNone) return err;
 
-  Key rank[kW], parallel_pos[kW], mismatch[kW];
-  Key first_hit = kW, mismatches = 0;
-  double precision_sum = 0.0;
-  for (int64_t j = 0; j < n; ++j) {
-    const Score sj = s[j];
-    const Key kj = key[j], rj = rel[j];
-    // One sum counts both: preceding candidates in the low bits, preceding relevant ones from
-    // bit kRelevantShift up.
-    Key counts = 0;
-#pragma GCC unroll 1  // left to the vectorizer (full unrolling would come first and defeat it)
-    for (int i = 0; i < kW; ++i)
-      counts += -static_cast<Key>((s[i] > sj) | ((s[i] == sj) & (key[i] < kj))) & weight[i];
-    const Key before = counts & ((Key(1) << kRelevantShift) - 1);
-    const Key relevant_before = counts >> kRelevantShift;
-    rank[j] = before;
-    // The parallel list of WPR (docs/metrics.md): relevant first, each part in ranked order.
-    parallel_pos[j] = rj ? relevant_before : num_relevant + before - relevant_before;
-    mismatch[j] = rj != static_cast<Key>(before < num_relevant);
-    mismatches += mismatch[j];
-    first_hit = std::min(first_hit, rj ? before : Key(kW));
-    // hits / rank at a relevant candidate (AP); an integer factor zeroes the others
-    precision_sum += static_cast<double>(rj * (relevant_before + 1)) /
-                     static_cast<double>(before + 1);
+  KeyV rank[kW], parallel_pos[kW], mismatch[kW];  // masks are -1 (true) or 0
+  KeyV first_hit = KeyV{} + kW, mismatches{};
+  // AP's sum of hits / rank as an exact integer numerator over kLcm, the least common multiple
+  // of the ranks 1..16: hits <= rank, so the sum is at most 16 * kLcm < 2^31. kLcm / rank is
+  // looked up by lane.
+  constexpr Key kLcm = 720720;
+  const KeyV lcm_over_rank_low = {kLcm / 1, kLcm / 2, kLcm / 3, kLcm / 4,
+                                  kLcm / 5, kLcm / 6, kLcm / 7, kLcm / 8};
+  const KeyV lcm_over_rank_high = {kLcm / 9,  kLcm / 10, kLcm / 11, kLcm / 12,
+                                   kLcm / 13, kLcm / 14, kLcm / 15, kLcm / 16};
+  static_assert(kSmallGroup == 2 * kLanes, "two lookup vectors cover the ranks 1..kSmallGroup");
+  KeyV precision_numerator{};
+  // One sum counts both: preceding candidates in the low bits, preceding relevant ones from bit
+  // kRelevantShift up. Each pair i < j is compared once: exactly one of the two ranks first. On
+  // equal scores i (earlier in the input) ranks first unless it is relevant and j is not.
+  KeyV counts[kW];
+  for (Key j = 0; j < rows; ++j) {
+    KeyV counts_j{};  // a register: a sum through memory would wait on its own stores
+    for (Key i = 0; i < j; ++i) {
+      const KeyV i_first = (s[i] > s[j]) | ((s[i] == s[j]) & ~(rel[i] > rel[j]));
+      counts_j += i_first & weight[i];
+      counts[i] += ~i_first & weight[j];
+    }
+    counts[j] = counts_j;
   }
-  double parallel[kW];
-  for (int64_t j = 0; j < n; ++j) parallel[parallel_pos[j]] = static_cast<double>(s[j]);
-  double wpr_sum = 0.0;
-  for (int64_t j = 0; j < n; ++j)
-    wpr_sum += static_cast<double>(mismatch[j]) *
-               std::fabs(static_cast<double>(s[j]) - parallel[rank[j]]);
-  out.top_relevant = first_hit == 0;
-  out.reciprocal_rank = 1.0 / static_cast<double>(first_hit + 1);
-  out.ranked_correctly = mismatches == 0;
-  out.misranked = mismatches > 0;
-  out.wpr = mismatches > 0 ? wpr_sum / static_cast<double>(mismatches) : 0.0;
-  out.average_precision = precision_sum / static_cast<double>(num_relevant);
-  return GroupError::kNone;
+  for (Key j = 0; j < rows; ++j) {
+    const KeyV before = counts[j] & ((Key(1) << kRelevantShift) - 1);
+    const KeyV relevant_before = counts[j] >> kRelevantShift;
+    const KeyV in_group = (KeyV{} + j) < size, is_relevant = rel[j] != 0;
+    rank[j] = before;
+    // The parallel list of WPR (docs/metrics.md): relevant first, each part in ranked order;
+    // padding gets position -1.
+    parallel_pos[j] = in_group ? (is_relevant ? relevant_before
+                                              : num_relevant + before - relevant_before)
+                               : KeyV{} - 1;
+    mismatch[j] = in_group & (is_relevant != (before < num_relevant));
+    mismatches -= mismatch[j];
+    const KeyV hit_rank = is_relevant ? before : KeyV{} + kW;
+    first_hit = hit_rank < first_hit ? hit_rank : first_hit;
+    // hits / rank at a relevant candidate (AP), as hits * (kLcm / rank)
+    precision_numerator += (is_relevant & (relevant_before + 1)) *
+                           __builtin_shuffle(lcm_over_rank_low, lcm_over_rank_high, before);
+  }
+  // The parallel list's entry at each candidate's rank, found by matching positions (exactly
+  // one candidate of the group holds each position); each gap is taken on its own, so that
+  // scores of very different magnitudes cannot cancel.
+  Doubles wpr_sum{};
+  for (Key j = 0; j < rows; ++j) {
+    // A bitwise or of the one match and zeros: one-cycle integer ops, where a float sum would
+    // chain additions.
+    KeyV at_rank_bits{};
+    for (Key k = 0; k < rows; ++k)
+      at_rank_bits |= (parallel_pos[k] == rank[j]) & bit_cast<KeyV>(s[k]);
+    const Doubles own = as_doubles(s[j]), at_rank = as_doubles(bit_cast<ScoreV>(at_rank_bits));
+    const Masks counted = as_masks(mismatch[j]);
+    for (int h = 0; h < 2; ++h) {
+      // |gap| where mismatched, else 0, as bit operations: a select on doubles would branch
+      const Mask4 keep = counted.half[h] & std::numeric_limits<int64_t>::max();
+      wpr_sum.half[h] += bit_cast<Double4>(bit_cast<Mask4>(own.half[h] - at_rank.half[h]) & keep);
+    }
+  }
+  const Doubles first_rank = as_doubles(first_hit + 1), relevant_count = as_doubles(num_relevant),
+                mismatched = as_doubles(mismatches > 0 ? mismatches : KeyV{} + 1),
+                numerator = as_doubles(precision_numerator);
+  Doubles reciprocal_rank, wpr, average_precision;
+  for (int h = 0; h < 2; ++h) {
+    reciprocal_rank.half[h] = 1.0 / first_rank.half[h];
+    // mismatches is 0 or at least 1 and wpr_sum 0 where it is 0: dividing by max(mismatches, 1)
+    wpr.half[h] = wpr_sum.half[h] / mismatched.half[h];
+    average_precision.half[h] = numerator.half[h] / (relevant_count.half[h] * kLcm);
+  }
+  for (int l = 0; l < num_lanes; ++l) {
+    error[l] = group_error(nan[l], non_finite[l], num_relevant[l]);
+    GroupMetrics& m = out[l];
+    m.top_relevant = first_hit[l] == 0;
+    m.reciprocal_rank = reciprocal_rank.half[l / 4][l % 4];
+    m.ranked_correctly = mismatches[l] == 0;
+    m.misranked = mismatches[l] > 0;
+    m.wpr = wpr.half[l / 4][l % 4];
+    m.average_precision = average_precision.half[l / 4][l % 4];
+  }
 }
 
 // Any group size: sort into per-thread scratch space.
@@ -261,23 +366,22 @@ struct BlockResult {
   GroupError error = GroupError::kNone;
 };
 
-// Groups [g0, g1); stops at the first bad group.
+// Groups [g0, g1): groups of more than kSmallGroup candidates one at a time through
+// evaluate_large, in order; the others bucketed by size (a counting sort into scratch.order),
+// kLanes at a time through evaluate_small_lanes, so that lanes rarely hold padding. The sums'
+// order depends only on the block's groups. A bad group makes the block report the first one.
 template <typename Score>
 [[gnu::always_inline]] inline BlockResult evaluate_block_body(
-    const Score* score, const uint8_t* relevant, const int64_t* offsets, int64_t num_candidates,
-    int64_t g0, int64_t g1, Scratch& scratch, const PerGroupOut& per_group) {
+    const Score* score, const uint8_t* relevant, const int64_t* offsets, int64_t g0, int64_t g1,
+    Scratch& scratch, const PerGroupOut& per_group) {
   BlockResult block;
-  for (int64_t g = g0; g < g1; ++g) {
-    const int64_t begin = offsets[g], n = offsets[g + 1] - offsets[g];
-    GroupMetrics m;
-    const GroupError err =
-        n <= kSmallGroup
-            ? evaluate_small(score + begin, relevant + begin, n, num_candidates - begin, m)
-            : evaluate_large(score + begin, relevant + begin, n, scratch, m);
+  auto record = [&](int64_t g, GroupError err, const GroupMetrics& m) {
     if (err != GroupError::kNone) {
-      block.error = err;
-      block.error_group = g;
-      break;
+      if (g < block.error_group) {
+        block.error = err;
+        block.error_group = g;
+      }
+      return;
     }
     block.sums.add(m);
     if (per_group.reciprocal_rank != nullptr) {
@@ -288,49 +392,76 @@ template <typename Score>
       per_group.wpr[g] = m.wpr;
       per_group.average_precision[g] = m.average_precision;
     }
+  };
+
+  int64_t bucket_end[kSmallGroup + 1] = {};  // after counting: bucket n ends at bucket_end[n]
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t n = offsets[g + 1] - offsets[g];
+    if (n > kSmallGroup) {
+      GroupMetrics m;
+      const GroupError err =
+          evaluate_large(score + offsets[g], relevant + offsets[g], n, scratch, m);
+      record(g, err, m);
+    } else {
+      ++bucket_end[n];
+    }
+  }
+  for (int n = 1; n <= kSmallGroup; ++n) bucket_end[n] += bucket_end[n - 1];
+  const int64_t small_groups = bucket_end[kSmallGroup];
+  for (int64_t g = g1 - 1; g >= g0; --g) {
+    const int64_t n = offsets[g + 1] - offsets[g];
+    if (n <= kSmallGroup) scratch.order[--bucket_end[n]] = g;
+  }
+
+  GroupMetrics m[kLanes];
+  GroupError err[kLanes];
+  int64_t begin[kLanes], count[kLanes];
+  for (int64_t k = 0; k < small_groups; k += kLanes) {
+    const int lanes = static_cast<int>(std::min<int64_t>(kLanes, small_groups - k));
+    for (int l = 0; l < lanes; ++l) {
+      const int64_t g = scratch.order[k + l];
+      begin[l] = offsets[g];
+      count[l] = offsets[g + 1] - offsets[g];
+    }
+    evaluate_small_lanes(score, relevant, begin, count, lanes, m, err);
+    for (int l = 0; l < lanes; ++l) record(scratch.order[k + l], err[l], m[l]);
   }
   return block;
 }
 
 // evaluate_block_body compiled for the baseline ISA and, with GCC/Clang on x86-64, also for AVX2
-// (8-lane comparisons in evaluate_small, which is always inlined so that it is compiled for the
-// caller's ISA), chosen at run time. Same operations in the same order: identical results.
+// (evaluate_small_lanes' loops over lanes become 8-lane vectors; it is always inlined so that it
+// is compiled for the caller's ISA), chosen at run time. Same operations in the same order: identical results.
 template <typename Score>
 BlockResult evaluate_block_baseline(const Score* score, const uint8_t* relevant,
-                                    const int64_t* offsets, int64_t num_candidates, int64_t g0,
-                                    int64_t g1, Scratch& scratch, const PerGroupOut& per_group) {
-  return evaluate_block_body(score, relevant, offsets, num_candidates, g0, g1, scratch,
-                             per_group);
+                                    const int64_t* offsets, int64_t g0, int64_t g1,
+                                    Scratch& scratch, const PerGroupOut& per_group) {
+  return evaluate_block_body(score, relevant, offsets, g0, g1, scratch, per_group);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
 template <typename Score>
 [[gnu::target("avx2")]] BlockResult evaluate_block_avx2(
-    const Score* score, const uint8_t* relevant, const int64_t* offsets, int64_t num_candidates,
-    int64_t g0, int64_t g1, Scratch& scratch, const PerGroupOut& per_group) {
-  return evaluate_block_body(score, relevant, offsets, num_candidates, g0, g1, scratch,
-                             per_group);
+    const Score* score, const uint8_t* relevant, const int64_t* offsets, int64_t g0, int64_t g1,
+    Scratch& scratch, const PerGroupOut& per_group) {
+  return evaluate_block_body(score, relevant, offsets, g0, g1, scratch, per_group);
 }
 #endif
 
 template <typename Score>
 BlockResult evaluate_block(const Score* score, const uint8_t* relevant, const int64_t* offsets,
-                           int64_t num_candidates, int64_t g0, int64_t g1, Scratch& scratch,
-                           const PerGroupOut& per_group) {
+                           int64_t g0, int64_t g1, Scratch& scratch, const PerGroupOut& per_group) {
 #if defined(__x86_64__) && defined(__GNUC__)
   static const bool avx2 = __builtin_cpu_supports("avx2");
   if (avx2)
-    return evaluate_block_avx2(score, relevant, offsets, num_candidates, g0, g1, scratch,
-                               per_group);
+    return evaluate_block_avx2(score, relevant, offsets, g0, g1, scratch, per_group);
 #endif
-  return evaluate_block_baseline(score, relevant, offsets, num_candidates, g0, g1, scratch,
-                                 per_group);
+  return evaluate_block_baseline(score, relevant, offsets, g0, g1, scratch, per_group);
 }
 
 template <typename Score>
 void evaluate_blocks(const Score* score, const uint8_t* relevant, const int64_t* offsets,
-                     int64_t num_groups, int64_t num_candidates, int64_t max_group,
-                     const PerGroupOut& per_group,
+                     int64_t num_groups, int64_t max_group, const PerGroupOut& per_group,
                      std::vector<BlockResult>& blocks, int num_threads) {
   const int64_t num_blocks = static_cast<int64_t>(blocks.size());
   std::atomic<int64_t> next_block{0};
@@ -345,8 +476,8 @@ void evaluate_blocks(const Score* score, const uint8_t* relevant, const int64_t*
       if (g0 > first_error.load()) continue;  // a bad group was already found before this block
       const int64_t g1 = std::min(num_groups, g0 + kBlockGroups);
       // local: neighbouring blocks' results may share a cache line
-      const BlockResult block = evaluate_block(score, relevant, offsets, num_candidates, g0, g1,
-                                               scratch, per_group);
+      const BlockResult block =
+          evaluate_block(score, relevant, offsets, g0, g1, scratch, per_group);
       if (block.error != GroupError::kNone) {
         int64_t seen = first_error.load();
         while (block.error_group < seen &&
@@ -448,10 +579,10 @@ py::dict evaluate(const py::array& scores, const py::array& relevant, const py::
     py::gil_scoped_release release;
     if (is_f32)
       evaluate_blocks(static_cast<const float*>(scores.data()), rel, off.data(), num_groups,
-                      num_candidates, max_group, out, blocks, num_threads);
+                      max_group, out, blocks, num_threads);
     else
       evaluate_blocks(static_cast<const double*>(scores.data()), rel, off.data(), num_groups,
-                      num_candidates, max_group, out, blocks, num_threads);
+                      max_group, out, blocks, num_threads);
   }
 
   Sums total;

@@ -129,7 +129,7 @@ def test_group_without_irrelevant_candidates_is_perfect():
 @given(
     seed=st.integers(0, 2**31 - 1),
     num_groups=st.integers(1, 40),
-    max_size=st.integers(1, 14),
+    max_size=st.integers(1, 24),  # both paths, mixed in one call, across the 16 boundary
     tie_levels=st.sampled_from([None, 1, 2, 4]),
     dtype=st.sampled_from([np.float32, np.float64]),
 )
@@ -214,6 +214,24 @@ def test_first_bad_group_is_named_across_blocks():
     for t in (1, 2, 4):
         with pytest.raises(ValueError, match="group 7000 has a NaN"):
             ranking_metrics(scores, relevant, offsets, num_threads=t)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_first_bad_group_is_named_whatever_the_group_sizes(bad):
+    # Small groups are evaluated bucketed by size and large ones first: the report must still
+    # name the first bad group in input order.
+    sizes = [12, 3, 20, 9, 3, 30, 12, 5]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    scores = np.linspace(-1, 1, offsets[-1])
+    relevant = np.zeros(offsets[-1], bool)
+    relevant[offsets[:-1]] = True
+    kind = "a NaN" if np.isnan(bad) else "an infinite"
+    for first, later in [(0, 1), (1, 2), (2, 4), (3, 5), (4, 7)]:
+        s = scores.copy()
+        s[offsets[first] + 1] = bad
+        s[offsets[later]] = bad
+        with pytest.raises(ValueError, match=f"group {first} has {kind} similarity"):
+            ranking_metrics(s, relevant, offsets)
 
 
 @pytest.mark.parametrize(
