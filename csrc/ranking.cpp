@@ -194,6 +194,20 @@ template <typename To, typename From>
   return to;
 }
 
+// The vector {table[index[0]], table[index[1]], ...} of a 2 * kLanes entry table held as two
+// vectors (low: entries 0..kLanes-1), indices in range.
+template <typename V>
+[[gnu::always_inline]] inline V lookup(const V& low, const V& high, const V& index) {
+#if defined(__GNUC__) && !defined(__clang__)
+  return __builtin_shuffle(low, high, index);  // vpermd / vpermq and a blend on AVX2
+#else
+  V out;
+  for (int l = 0; l < kLanes; ++l)
+    out[l] = index[l] < kLanes ? low[index[l]] : high[index[l] - kLanes];
+  return out;
+#endif
+}
+
 // The vector {values[at[0]], values[at[1]], ...}, assembled in registers.
 template <typename V, typename T, size_t... L>
 [[gnu::always_inline]] inline V load_lanes(const T* values, const int64_t* at,
@@ -287,7 +301,7 @@ template <typename Score>
     first_hit = hit_rank < first_hit ? hit_rank : first_hit;
     // hits / rank at a relevant candidate (AP), as hits * (kLcm / rank)
     precision_numerator += (is_relevant & (relevant_before + 1)) *
-                           __builtin_shuffle(lcm_over_rank_low, lcm_over_rank_high, before);
+                           lookup(lcm_over_rank_low, lcm_over_rank_high, before);
   }
   // The parallel list's entry at each candidate's rank, found by matching positions (exactly
   // one candidate of the group holds each position); each gap is taken on its own, so that
