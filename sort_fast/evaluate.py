@@ -51,9 +51,11 @@ def evaluate_checkpoint(args) -> Dict[str, Any]:
              state["method"], state["step"], len(data.val))
     result = evaluate(model, data.val, batch_groups=args.batch_groups, device=device,
                       naive=args.naive, answer_vocab=data.answer_vocab,
-                      hat_maps=load_hat(args.hat_dir, data.val))
+                      hat_maps=load_hat(args.hat_dir, data.val),
+                      templates=getattr(data.val, "templates", None))
     table = write_report(result, out, method=state["method"],
-                         extra={"step": state["step"], "checkpoint": str(args.checkpoint)})
+                         extra={"step": state["step"], "checkpoint": str(args.checkpoint)},
+                         plots=args.plots)
     log.info("wrote metrics.json, table1.md and plots to %s", out)
     print(table, flush=True)
     return result.metrics

@@ -55,11 +55,12 @@ TRAJECTORY_FLAGS = (
     "seed", "batch_groups", "loss", "lambda_reasoning", "lambda_sub", "lambda_irrelevant",
     "margin", "lambda_attention", "lr", "warmup_steps", "grad_clip", "hidden_dim", "joint_dim",
     "dropout", "naive", "init", "synthetic_seed", "synthetic_train_groups", "introspect",
-    "vqa_questions", "vqa_annotations", "features", "amp",
+    "vqa_questions", "vqa_annotations", "features", "amp", "synthetic_design", "image_glimpses",
+    "input_ablation",
 )
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # flags about this invocation, never taken from a checkpoint's stored config
-RUN_CONTROL_FLAGS = ("out", "resume", "overwrite", "explicit")
+RUN_CONTROL_FLAGS = ("out", "resume", "overwrite", "explicit", "plots")
 
 
 @dataclasses.dataclass
@@ -272,7 +273,8 @@ def _train(args: argparse.Namespace, ctx: DistContext, out: Path) -> TrainResult
 
     def run_eval():
         return evaluate(model, data.val, batch_groups=args.batch_groups, device=ctx.device,
-                        naive=args.naive, answer_vocab=data.answer_vocab, hat_maps=hat_maps)
+                        naive=args.naive, answer_vocab=data.answer_vocab, hat_maps=hat_maps,
+                        templates=getattr(data.val, "templates", None))
 
     bar = tqdm(total=total, initial=step, desc=method, unit="step", dynamic_ncols=True,
                disable=None if ctx.is_main else True, file=sys.stderr)
@@ -361,8 +363,9 @@ def _train(args: argparse.Namespace, ctx: DistContext, out: Path) -> TrainResult
         return TrainResult(model, report["metrics"])
     result = run_eval()
     jsonl.write({"event": "eval", "step": step, **result.metrics})
-    table = write_report(result, out, method=method, extra={"step": step})
-    log.info("wrote %s, %s and plots to %s", CHECKPOINT, "metrics.json", out)
+    table = write_report(result, out, method=method, extra={"step": step}, plots=args.plots)
+    log.info("wrote %s, %s%s to %s", CHECKPOINT, "metrics.json",
+             " and plots" if args.plots else "", out)
     print(table, flush=True)
     return TrainResult(model, result.metrics)
 

@@ -2,15 +2,21 @@
 from __future__ import annotations
 
 import json
+import shlex
+
+import numpy as np
 import pytest
 
-from sort_fast.experiments.table1 import (METHODS, METRICS, PAPER, main, markdown, run_tag,
-                                         val_score)
+from sort_fast import evaluate as evaluate_cli
+from sort_fast import train as train_cli
+from sort_fast.experiments.table1 import (METHODS, METRICS, PAPER, PRIMARY, PROBES, main,
+                                         markdown, run_tag, val_score)
 
-TINY = ["--jobs", "1", "--seeds", "2", "--tune-seeds", "1", "--pretrain-epochs", "2",
-        "--finetune-epochs", "1", "--attention-grid", "0.1", "10", "--bce-grid", "2.27",
-        "--irrelevant-grid", "3e-4", "1", "--hidden-dim", "16", "--joint-dim", "32",
-        "--batch-groups", "16", "--synthetic-train-groups", "48", "--synthetic-val-groups", "24",
+TINY = ["--jobs", "1", "--seeds", "2", "--tune-seeds", "1", "--probe-seeds", "1",
+        "--pretrain-epochs", "2", "--finetune-epochs", "1", "--rows", *METHODS,
+        "--attention-grid", "0.1", "10", "--bce-grid", "2.27", "--irrelevant-grid", "3e-4", "1",
+        "--hidden-dim", "16", "--joint-dim", "32", "--batch-groups", "16",
+        "--synthetic-train-groups", "48", "--synthetic-val-groups", "24",
         "--synthetic-test-groups", "20"]
 
 
@@ -24,12 +30,9 @@ def tiny(tmp_path_factory):
 
 
 def test_results_have_every_row_seed_and_metric(tiny):
-    _, _, results = tiny
-    assert set(results["methods"]) == set(METHODS) == {"baseline", "squint", "sort_sq", "sort"}
-    keys = {key for key, *_ in METRICS}
-    assert {"consistency", "mp1", "ranking_accuracy", "mrr", "wpr", "reasoning_accuracy",
-            "vqa_accuracy", "grounding", "r_right_s_right", "r_right_s_wrong",
-            "r_wrong_s_right", "r_wrong_s_wrong"} <= keys
+    _, argv, results = tiny
+    assert set(results["methods"]) == set(METHODS)
+    keys = {key for key, *_ in METRICS} | set(PRIMARY) | {"per_template"}
     for rows in [*results["methods"].values(), results["pretrained"]]:
         assert [r["seed"] for r in rows] == [0, 1]
         for r in rows:
@@ -37,7 +40,13 @@ def test_results_have_every_row_seed_and_metric(tiny):
             quadrants = sum(r[k] for k in ("r_right_s_right", "r_right_s_wrong",
                                            "r_wrong_s_right", "r_wrong_s_wrong"))
             assert quadrants == pytest.approx(1.0)
+            assert "sort_fast.evaluate" in r["test_command"]
+    assert set(results["probes"]) == set(PROBES)
+    assert [r["seed"] for r in results["probes"]["text_only"]] == [0]
+    assert "--input-ablation text-only" in results["probes"]["text_only"][0]["train_command"]
     assert results["split"] == "test" and results["paper"] == PAPER
+    assert results["command"].endswith(shlex.join(argv))
+    assert results["commit"] is None or len(results["commit"]) == 40
 
 
 def test_lambda_is_the_best_val_score_of_its_grid(tiny):
@@ -45,14 +54,21 @@ def test_lambda_is_the_best_val_score_of_its_grid(tiny):
     runs = root / "runs"
     assert len(results["tuning"]["squint"]) == 2 and len(results["tuning"]["sort"]) == 2
     for row, scored in results["tuning"].items():
-        for entry in scored:  # the score is recomputed from the run's own val metrics
+        for entry in scored:  # tuned on seed 2, after the reported seeds 0 and 1
             tag = run_tag(entry["lambdas"])
-            val = json.loads((runs / "finetune" / row / tag / "seed0" / "metrics.json")
+            val = json.loads((runs / "finetune" / row / tag / "seed2" / "metrics.json")
                              .read_text())["metrics"]
             assert entry["val_score"] == pytest.approx(val_score(val))
+            assert [v["seed"] for v in entry["val"]] == [2]
         best = max(scored, key=lambda e: e["val_score"])
         assert results["lambdas"][row] == best["lambdas"]
-    assert results["lambdas"]["baseline"] == {}
+    lambdas = results["lambdas"]
+    assert lambdas["baseline"] == {}
+    assert lambdas["control"] == lambdas["sort_margin"] == lambdas["sort"]
+    assert lambdas["sort_sq_paper"]["lambda_irrelevant"] == 0.0
+    margin = results["methods"]["sort_margin"][0]["train_command"]
+    assert "--margin 0.25" in margin and "--loss sort " in margin
+    assert "--loss role-bce" in results["methods"]["control"][0]["train_command"]
 
 
 def test_reported_numbers_come_from_the_test_split(tiny):
@@ -64,6 +80,51 @@ def test_reported_numbers_come_from_the_test_split(tiny):
         assert results["methods"][row][1]["consistency"] == test["consistency"]
         # every row of a seed starts from that seed's plain model
         assert json.loads((run / "metrics.json").read_text())["metrics"]["groups"] == 24
+
+
+def _rerun(command: str, replace: dict) -> list:
+    """The recorded command's argv (after ``-m module``) with some values replaced."""
+    argv = shlex.split(command)[3:]
+    return [replace.get(a, a) for a in argv]
+
+
+def test_a_recorded_number_is_reproduced_from_its_commands(tiny, tmp_path):
+    # Rerun the plain model, the fine-tuning and the test evaluation of one seed of full SOrT
+    # from the commands recorded in the JSON, into fresh directories: the same numbers, bit
+    # for bit (same machine, one thread).
+    root, _, results = tiny
+    entry = results["methods"]["sort"][1]
+    old_pretrain = str(root / "runs" / "pretrain" / "seed1")
+    old_run = str(root / "runs" / "finetune" / "sort" / run_tag(results["lambdas"]["sort"])
+                  / "seed1")
+    new_pretrain, new_run = str(tmp_path / "pretrain"), str(tmp_path / "sort")
+    assert train_cli.main(_rerun(entry["init_command"], {old_pretrain: new_pretrain})) == 0
+    assert train_cli.main(_rerun(entry["train_command"], {
+        old_run: new_run, f"{old_pretrain}/checkpoint.pt": f"{new_pretrain}/checkpoint.pt"})) == 0
+    assert evaluate_cli.main(_rerun(entry["test_command"], {
+        f"{old_run}/checkpoint.pt": f"{new_run}/checkpoint.pt",
+        f"{old_run}/test": f"{new_run}/test"})) == 0
+    again = json.loads((tmp_path / "sort" / "test" / "metrics.json").read_text())["metrics"]
+    for key, value in again.items():
+        assert entry[key] == value, key
+
+
+def test_statistics_compare_every_row_with_the_baseline_and_the_control(tiny):
+    _, _, results = tiny
+    vs_baseline = results["stats"]["vs_baseline"]
+    assert set(vs_baseline) == set(METHODS) - {"baseline"}
+    for row, comparisons in vs_baseline.items():
+        # a metric is left out only where some seed has no value for it
+        rows = [*results["methods"][row], *results["methods"]["baseline"]]
+        assert set(comparisons) == {key for key in PRIMARY
+                                    if all(r[key] is not None for r in rows)}
+        d = comparisons["consistency"]
+        base = [r["consistency"] for r in results["methods"]["baseline"]]
+        mine = [r["consistency"] for r in results["methods"][row]]
+        assert d["n"] == 2 and d["mean"] == pytest.approx(np.mean(np.subtract(mine, base)))
+        assert d["p"] is None or d["p_holm"] >= d["p"]
+    assert set(results["stats"]["vs_control"]) == {"sort", "sort_sq", "sort_sq_paper",
+                                                   "sort_margin"}
 
 
 def test_rerun_reuses_finished_runs_and_refuses_another_protocol(tiny, capsys):
@@ -86,12 +147,16 @@ def test_figure_and_table(tiny):
     assert table == (root / "runs" / "table1.md").read_text().strip()
     assert "Pythia + SOrT (SQ + IQ)" in table and "*paper: Pythia + SQuINT*" in table
     assert "71.81" in table and "Paired difference from the baseline" in table
-    assert any(f"({k}/2)" in table for k in range(3))
+    assert "Paired difference from the control" in table
+    assert "per template" in table and "probe: text_only" in table
+    assert any(f", {k}/2" in table for k in range(3))
 
 
 def test_bad_flags_are_one_line_errors(tmp_path, capsys):
-    assert main(["--out", str(tmp_path), "--seeds", "2", "--tune-seeds", "3"]) == 2
+    assert main(["--out", str(tmp_path), "--rows", "baseline", "control"]) == 2
     assert "--tune-seeds" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path), "--rows", "sort", "--tune-seeds", "0"]) == 2
+    assert "baseline" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--bce-grid", "-1"])
     assert "error" in capsys.readouterr().err
@@ -102,5 +167,6 @@ def test_help_explains_every_flag(capsys):
         main(["--help"])
     text = capsys.readouterr().out
     for flag in ("--seeds", "--tune-seeds", "--jobs", "--bce-grid", "--irrelevant-grid",
-                 "--attention-grid", "--finetune-epochs", "--synthetic-test-groups"):
+                 "--attention-grid", "--finetune-epochs", "--synthetic-test-groups", "--rows",
+                 "--probe-seeds", "--margin", "--image-glimpses", "--synthetic-design"):
         assert flag in text

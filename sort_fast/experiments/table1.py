@@ -3,21 +3,26 @@
 Protocol (``docs/REPRODUCTION.md``), as in the paper every row is fine-tuned from the same
 plain model:
 
-1. *pretrain*: for every seed, a plain model (``--loss bce``) from scratch;
-2. *tune*: for the tuning seeds, every λ of the grids fine-tunes SQuINT, SOrT (only SQ) and
-   SOrT (SQ + IQ) from that seed's plain model; each λ is scored on the **val** split by
-   ``(consistency + reasoning accuracy) / 2`` averaged over the tuning seeds (the paper tuned
-   on "a combination of consistency and accuracy") and the best is kept;
-3. *fine-tune*: every seed fine-tunes the four rows (the baseline continues with BCE for the
-   same number of epochs) at the chosen λ;
-4. *report*: every fine-tuned model (and the plain model itself) is evaluated on the held-out
-   **test** split, which no choice above has seen.
+1. *pretrain*: for every seed (the reported ones and the tuning ones), a plain model
+   (``--loss bce``) from scratch; with ``--probe-seeds``, also plain models that see only the
+   question text or only the image (the shortcut probes);
+2. *tune*: on the tuning seeds (disjoint from the reported ones), every λ of the grids
+   fine-tunes the tuned rows from that seed's plain model; each λ is scored on the **val**
+   split by ``(consistency + reasoning accuracy) / 2`` averaged over the tuning seeds and the
+   best is kept;
+3. *fine-tune*: every reported seed fine-tunes every row at its λ (the baseline continues with
+   BCE as long; the control takes SOrT's λ with the Grad-CAM term off; the margin row takes
+   SOrT's λ with ``--margin``);
+4. *report*: every fine-tuned model, the plain models and the probes are evaluated on the
+   held-out **test** split, which no choice above has seen; paired differences per seed with
+   t-intervals, Holm-corrected p-values and effect sizes (:mod:`.stats`).
 
 Each run is an ordinary ``python -m sort_fast.train`` / ``sort_fast.evaluate`` call with its
 own directory under ``--out``; a finished run is not repeated and a killed one resumes from its
 checkpoint, so rerunning the command after an interruption continues where it stopped.
-Results: ``--json`` (per-seed metrics of every row, the chosen λ and the tuning scores),
-``--figure`` and a Markdown table (printed, and written to ``OUT/table1.md``).
+Results: ``--json`` (per-seed metrics of every row with the command of every number, the
+commit, the chosen λ, the tuning scores and the statistics), ``--figure`` and a Markdown table
+(printed, and written to ``OUT/table1.md``).
 """
 from __future__ import annotations
 
@@ -25,10 +30,14 @@ import argparse
 import contextlib
 import json
 import multiprocessing
+import re
+import shlex
 import shutil
+import subprocess
 import sys
 import traceback
 from concurrent.futures import ProcessPoolExecutor
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
@@ -38,19 +47,40 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..training.checkpoint import atomic_write
-from ..training.config import (METHOD_NAMES, CLIError, OneLineParser, build_train_parser,
-                               non_negative_float, positive_float, positive_int, run_command)
+from ..data.synthetic import COLOURS, DESIGNS, TYPES
+from ..training.config import (CLIError, OneLineParser, build_train_parser, non_negative_float,
+                               non_negative_int, positive_float, positive_int, run_command)
+from ..training.data import synthetic_split
 from ..training.evaluation import COLUMNS, format_metric
+from .stats import compare_rows, format_difference
 
 __all__ = ["main", "build_parser", "run_tag", "val_score", "markdown", "plot", "PAPER",
-           "METHODS", "METRICS"]
+           "METHODS", "METRICS", "PRIMARY"]
 
 PROG = "python -m sort_fast.experiments.table1"
 # row key -> --loss of sort_fast.train
-METHODS = {"baseline": "bce", "squint": "squint", "sort_sq": "sort-sq", "sort": "sort"}
+METHODS = {"baseline": "bce", "control": "role-bce", "squint": "squint", "sort_sq": "sort-sq",
+           "sort_sq_paper": "sort-sq", "sort": "sort", "sort_margin": "sort"}
+DEFAULT_ROWS = ("baseline", "control", "sort_sq", "sort_sq_paper", "sort", "sort_margin")
 ROW_NAMES = {"pretrained": "Pythia (plain model, not fine-tuned)",
-             "baseline": "Pythia (BCE fine-tuned as long)", "squint": "Pythia + SQuINT",
-             "sort_sq": "Pythia + SOrT (only SQ)", "sort": "Pythia + SOrT (SQ + IQ)"}
+             "baseline": "Pythia (BCE fine-tuned as long)",
+             "control": "Control: SOrT's BCE weights and λ, no Grad-CAM term",
+             "squint": "Pythia + SQuINT",
+             "sort_sq": "Pythia + SOrT (only SQ), irrelevant BCE kept at λ3",
+             "sort_sq_paper": "Pythia + SOrT (only SQ), λ3 = 0 (the paper's row)",
+             "sort": "Pythia + SOrT (SQ + IQ)", "sort_margin": "Pythia + SOrT (SQ + IQ), margin > 0"}
+SHORT_NAMES = {"pretrained": "plain", "baseline": "BCE", "control": "control",
+               "squint": "SQuINT", "sort_sq": "SOrT SQ", "sort_sq_paper": "SOrT SQ λ3=0",
+               "sort": "SOrT", "sort_margin": "SOrT m>0"}
+# the rows of the paper whose numbers are printed beside ours
+PAPER_ROWS = ("baseline", "squint", "sort_sq", "sort")
+# shortcut probes: row key -> --input-ablation
+PROBES = {"text_only": "text-only", "image_only": "image-only"}
+# the metrics compared per seed (key -> higher is better); the primary ranking metrics are
+# MP@1, MRR and MAP (scale-free), WPR is reported with its scale-free version beside it
+PRIMARY = {"consistency": True, "coupling": True, "reasoning_accuracy": True,
+           "sub_accuracy": True, "vqa_accuracy": True, "mp1": True, "mrr": True, "map": True,
+           "wpr": False, "wpr_over_range": False}
 # Table 1's columns as the evaluator prints them: (key in table1.json, key in metrics.json,
 # header with its arrow, scale, higher is better)
 METRICS = tuple(("grounding" if key == "grounding_spearman" else key, key,
@@ -72,9 +102,10 @@ PAPER = {row: {key: None if v is None else round(v / _SCALE[key], 6)
                for (key, *_), v in zip(METRICS, values)}
          for row, values in _PAPER_ROWS.items()}
 # flags that must not change between an interrupted invocation and its continuation
-_PROTOCOL_FLAGS = ("seeds", "tune_seeds", "pretrain_epochs", "finetune_epochs",
-                   "attention_grid", "bce_grid", "irrelevant_grid", "hidden_dim", "joint_dim",
-                   "batch_groups", "lr", "synthetic_seed", "synthetic_train_groups",
+_PROTOCOL_FLAGS = ("seeds", "tune_seeds", "probe_seeds", "rows", "pretrain_epochs",
+                   "finetune_epochs", "attention_grid", "bce_grid", "irrelevant_grid", "margin",
+                   "hidden_dim", "joint_dim", "image_glimpses", "batch_groups", "lr",
+                   "synthetic_seed", "synthetic_design", "synthetic_train_groups",
                    "synthetic_val_groups", "synthetic_test_groups", "device")
 
 
@@ -92,6 +123,13 @@ class Job:
 
     def metrics(self) -> Dict[str, Any]:
         return json.loads((self.out / "metrics.json").read_text())["metrics"]
+
+    @property
+    def command(self) -> str:
+        """The shell command that computes this job's numbers (``--resume`` left out: it only
+        continues an interrupted run to the same result)."""
+        argv = [a for a in self.argv if a != "--resume"]
+        return shlex.join([sys.executable, "-m", f"sort_fast.{self.module}", *argv])
 
 
 def _run_job(module: str, argv: Sequence[str], log: str) -> int:
@@ -153,22 +191,30 @@ class Plan:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args, self.root = args, Path(args.out)
+        self.rows = list(args.rows)
         self.seeds = list(range(args.seeds))
-        self.tune_seeds = self.seeds[:args.tune_seeds]
-        self.grids: Dict[str, List[Dict[str, float]]] = {
-            "baseline": [{}],
-            "squint": [{"lambda_attention": a} for a in args.attention_grid],
-            **{row: [{"lambda_reasoning": b, "lambda_sub": b, "lambda_irrelevant": i}
+        # tuning seeds come after the reported ones: no reported number was seen in tuning
+        self.tune_seeds = list(range(args.seeds, args.seeds + args.tune_seeds))
+        self.probe_seeds = list(range(args.probe_seeds))
+        sort_grid = [{"lambda_reasoning": b, "lambda_sub": b, "lambda_irrelevant": i}
                      for b, i in product(args.bce_grid, args.irrelevant_grid)]
-               for row in ("sort_sq", "sort")},
+        # rows tuned on val (rows not listed take another row's λ, see chosen_lambdas)
+        self.grids: Dict[str, List[Dict[str, float]]] = {
+            "squint": [{"lambda_attention": a} for a in args.attention_grid],
+            "sort_sq": sort_grid, "sort": sort_grid,
+            "sort_sq_paper": [{"lambda_reasoning": b, "lambda_sub": b, "lambda_irrelevant": 0.0}
+                              for b in args.bce_grid],
         }
+        self.tuned = [row for row in self.rows if row in self.grids]
 
     def _common(self) -> List[str]:
         a = self.args
-        return ["--threads", "1", "--device", a.device, "--eval-every", "0",
+        return ["--threads", "1", "--device", a.device, "--eval-every", "0", "--no-plots",
                 "--batch-groups", str(a.batch_groups), "--lr", str(a.lr),
                 "--hidden-dim", str(a.hidden_dim), "--joint-dim", str(a.joint_dim),
+                "--image-glimpses", str(a.image_glimpses),
                 "--synthetic-seed", str(a.synthetic_seed),
+                "--synthetic-design", a.synthetic_design,
                 "--synthetic-train-groups", str(a.synthetic_train_groups),
                 "--synthetic-val-groups", str(a.synthetic_val_groups)]
 
@@ -176,15 +222,19 @@ class Plan:
     def _resume(out: Path) -> List[str]:
         return ["--resume"] if (out / "checkpoint.pt").exists() else []
 
-    def pretrain(self, seed: int) -> Job:
-        out = self.root / "pretrain" / f"seed{seed}"
+    def pretrain(self, seed: int, probe: Optional[str] = None) -> Job:
+        """The plain model of ``seed``, or with ``probe`` a shortcut probe (:data:`PROBES`)."""
+        out = self.root / ("pretrain" if probe is None else f"probe_{probe}") / f"seed{seed}"
+        ablation = [] if probe is None else ["--input-ablation", PROBES[probe]]
         return Job("train", ("--out", str(out), "--loss", "bce", "--seed", str(seed),
-                             "--epochs", str(self.args.pretrain_epochs), *self._common(),
-                             *self._resume(out)), out)
+                             "--epochs", str(self.args.pretrain_epochs), *ablation,
+                             *self._common(), *self._resume(out)), out)
 
     def finetune(self, row: str, lambdas: Dict[str, float], seed: int) -> Job:
         out = self.root / "finetune" / row / run_tag(lambdas) / f"seed{seed}"
         flags = [x for k, v in lambdas.items() for x in ("--" + k.replace("_", "-"), repr(v))]
+        if row == "sort_margin":
+            flags += ["--margin", repr(self.args.margin)]
         init = self.pretrain(seed).out / "checkpoint.pt"
         return Job("train", ("--out", str(out), "--loss", METHODS[row], "--seed", str(seed),
                              "--init", str(init), "--epochs", str(self.args.finetune_epochs),
@@ -195,7 +245,16 @@ class Plan:
         return Job("evaluate", (str(job.out / "checkpoint.pt"), "--out", str(out),
                                 "--synthetic-split", "test", "--synthetic-val-groups",
                                 str(self.args.synthetic_test_groups), "--threads", "1",
-                                "--device", self.args.device), out)
+                                "--device", self.args.device, "--no-plots"), out)
+
+    def chosen_lambdas(self, tuned: Dict[str, Dict[str, float]]) -> Dict[str, Dict[str, float]]:
+        """Every row's λ from the tuned rows' choices: the baseline has none, the control and
+        the margin row take full SOrT's."""
+        sort = tuned.get("sort", {"lambda_reasoning": self.args.bce_grid[0],
+                                  "lambda_sub": self.args.bce_grid[0],
+                                  "lambda_irrelevant": self.args.irrelevant_grid[0]})
+        derived = {"baseline": {}, "control": sort, "sort_margin": sort}
+        return {row: tuned[row] if row in tuned else derived[row] for row in self.rows}
 
 
 def val_score(metrics: Dict[str, Any]) -> float:
@@ -203,8 +262,13 @@ def val_score(metrics: Dict[str, Any]) -> float:
     return 0.5 * (metrics["consistency"] + metrics["reasoning_accuracy"])
 
 
-def _row(metrics: Dict[str, Any], seed: int) -> Dict[str, Any]:
-    return {"seed": seed, **{key: metrics.get(source) for key, source, *_ in METRICS}}
+def _row(metrics: Dict[str, Any], seed: int, **commands: str) -> Dict[str, Any]:
+    """One seed's entry: every metric of the run (Table 1's under their table1.json names too)
+    and the commands its numbers come from."""
+    row = {"seed": seed, **metrics}
+    row.update({key: metrics.get(source) for key, source, *_ in METRICS})
+    row.update(commands)
+    return row
 
 
 def _mean_std(values: Sequence[Optional[float]]) -> Tuple[float, float]:
@@ -215,40 +279,76 @@ def _mean_std(values: Sequence[Optional[float]]) -> Tuple[float, float]:
 
 
 def _number(key: str, value: float, sign: str = "") -> str:
-    return format_metric(value, _SCALE[key], sign)
+    return format_metric(value, _SCALE.get(key, 100), sign)
+
+
+def _cell(key: str, values: Sequence[Optional[float]]) -> str:
+    m, s = _mean_std(values)
+    return "–" if m != m else f"{_number(key, m)} ± {_number(key, s)}"
+
+
+def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> List[str]:
+    return ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1),
+            *("| " + " | ".join(line) + " |" for line in lines)]
+
+
+def _template_value(entry: Dict[str, Any], template: str, key: str) -> Optional[float]:
+    return entry.get("per_template", {}).get(template, {}).get(key)
 
 
 def markdown(results: Dict[str, Any]) -> str:
-    """Table 1 as mean ± std over seeds beside the paper's numbers, then each row's paired
-    difference from the baseline (same seed, same plain model) with its sign count."""
-    headers = [header for _, _, header, _, _ in METRICS]
-    lines = ["| Method | " + " | ".join(headers) + " |", "|---|" + "---:|" * len(METRICS)]
+    """Table 1 as mean ± std over seeds beside the paper's numbers; the primary metrics; each
+    row's paired difference from the baseline and of the SOrT rows from the control (mean,
+    95 % t-interval, p and Holm-corrected p, d_z, seeds better); per-template numbers with the
+    shortcut probes."""
     rows = {"pretrained": results["pretrained"], **results["methods"]}
-    for row, per_seed in rows.items():
-        cells = []
-        for key, *_ in METRICS:
-            m, s = _mean_std([r[key] for r in per_seed])
-            cells.append("–" if m != m else f"{_number(key, m)} ± {_number(key, s)}")
-        lines.append(f"| {ROW_NAMES[row]} | " + " | ".join(cells) + " |")
-    for row, paper in PAPER.items():
-        cells = ["–" if paper[key] is None else _number(key, paper[key]) for key, *_ in METRICS]
-        lines.append(f"| *paper: {METHOD_NAMES[METHODS[row]]}* | " + " | ".join(cells) + " |")
-    base = results["methods"]["baseline"]
-    lines += ["", f"Paired difference from the baseline, mean ± std over {len(base)} seeds "
-              "(and in how many seeds the row is better):", "",
-              "| Method | " + " | ".join(headers) + " |", "|---|" + "---:|" * len(METRICS)]
-    for row, per_seed in rows.items():
-        if row == "baseline":
+    seeds = len(results["pretrained"])
+    lines = _table(["Method", *(header for _, _, header, _, _ in METRICS)],
+                   [[ROW_NAMES[row], *(_cell(key, [r[key] for r in per_seed])
+                                       for key, *_ in METRICS)]
+                    for row, per_seed in rows.items()]
+                   + [[f"*paper: {ROW_NAMES[row]}*",
+                       *("–" if results["paper"][row][key] is None
+                         else _number(key, results["paper"][row][key]) for key, *_ in METRICS)]
+                      for row in PAPER_ROWS if row in results["paper"]])
+    lines += ["", f"Primary metrics, mean ± std over {seeds} seeds (coupling: consistency beyond "
+              "what per-template sub-question accuracy predicts; WPR/range: WPR divided by each "
+              "group's cosine range):", ""]
+    extra = ("similarity_sub_mean", "similarity_irrelevant_mean", "similarity_group_range_mean")
+    lines += _table(["Method", *PRIMARY, *extra],
+                    [[ROW_NAMES[row], *(_cell(key, [r.get(key) for r in per_seed])
+                                        for key in (*PRIMARY, *extra))]
+                     for row, per_seed in rows.items()])
+    for family, title in (("vs_baseline", "Paired difference from the baseline"),
+                          ("vs_control", "Paired difference from the control (isolates the "
+                                         "Grad-CAM term)")):
+        comparisons = results["stats"].get(family)
+        if not comparisons:
             continue
-        cells = []
-        for key, _, _, _, up in METRICS:
-            pairs = [(r[key], b[key]) for r, b in zip(per_seed, base)
-                     if r[key] is not None and b[key] is not None]
-            d = [x - y for x, y in pairs]
-            m, s = _mean_std(d)
-            better = sum((x > 0) if up else (x < 0) for x in d)
-            cells.append(f"{_number(key, m, '+')} ± {_number(key, s)} ({better}/{len(d)})")
-        lines.append(f"| {ROW_NAMES[row]} | " + " | ".join(cells) + " |")
+        lines += ["", f"{title}: mean [95 % CI] p (Holm over this table), d_z, seeds better:",
+                  ""]
+        lines += _table(["Method", *PRIMARY],
+                        [[ROW_NAMES[row], *("–" if key not in d else format_difference(
+                            d[key], scale=_SCALE.get(key, 100)) for key in PRIMARY)]
+                         for row, d in comparisons.items()])
+    probes = results.get("probes", {})
+    templates = sorted({t for per_seed in rows.values() for r in per_seed
+                        for t in r.get("per_template", {})})
+    for key, title in (("reasoning_accuracy", "Reasoning accuracy"),
+                       ("sub_accuracy", "Sub-question accuracy"),
+                       ("consistency", "Consistency"), ("coupling", "Coupling")):
+        if not templates:
+            break
+        reasoning = key == "reasoning_accuracy"
+        columns = {**({f"probe: {p}": v for p, v in probes.items()} if reasoning else {}),
+                   **{SHORT_NAMES[row]: per_seed for row, per_seed in rows.items()}}
+        rule = results.get("wording_rule", {}) if reasoning else {}
+        lines += ["", f"{title} per template, mean ± std over seeds"
+                  + (" (rule: the wording-only majority rule)" if rule else "") + ":", ""]
+        lines += _table(["Template", *(["rule: wording"] if rule else []), *columns],
+                        [[t, *([_number(key, rule[t])] if rule else []),
+                          *(_cell(key, [_template_value(r, t, key) for r in per_seed])
+                            for per_seed in columns.values())] for t in templates])
     return "\n".join(lines)
 
 
@@ -260,40 +360,85 @@ def plot(results: Dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = ("consistency", "reasoning_accuracy", "vqa_accuracy", "mp1", "ranking_accuracy",
-            "mrr", "wpr", "grounding")
-    titles = {key: header for key, _, header, _, _ in METRICS}
+    keys = ("consistency", "coupling", "reasoning_accuracy", "sub_accuracy", "mp1", "mrr",
+            "map", "wpr_over_range")
+    titles = {**{key: header for key, _, header, _, _ in METRICS}, "coupling": "Coupling ↑",
+              "sub_accuracy": "Sub-question accuracy ↑", "map": "MAP ↑",
+              "wpr_over_range": "WPR / cosine range ↓"}
     rows = {"pretrained": results["pretrained"], **results["methods"]}
-    colours = ["tab:gray", "tab:purple", "tab:blue", "tab:orange", "tab:green"]
-    fig, axes = plt.subplots(2, 4, figsize=(15, 6.5))
+    colours = plt.get_cmap("tab10")(np.arange(len(rows)))
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
     x = np.arange(len(rows))
     for ax, key in zip(axes.ravel(), keys):
-        k = _SCALE[key]
+        k = _SCALE.get(key, 100)
+        everything = []
         for i, (row, per_seed) in enumerate(rows.items()):
-            values = np.array([r[key] for r in per_seed if r[key] is not None]) * k
+            values = np.array([r.get(key) for r in per_seed if r.get(key) is not None]) * k
             m, s = _mean_std(list(values))
             ax.bar(i, m, yerr=s, color=colours[i], alpha=0.35, capsize=3)
             ax.plot(np.full(values.size, i), values, "o", color=colours[i], ms=3)
-            paper = PAPER.get(row, {}).get(key)
+            everything += list(values)
+            paper = results["paper"].get(row, {}).get(key) if row in PAPER_ROWS else None
             if paper is not None:
-                ax.plot(i, paper * k, "D", color="black", ms=5,
-                        label="paper (real data)" if i == 1 else None)
-        values = [r[key] * k for per_seed in rows.values() for r in per_seed
-                  if r[key] is not None]
-        papers = [PAPER[r][key] * k for r in PAPER if PAPER[r][key] is not None]
-        low, high = min(values + papers), max(values + papers)
-        pad = 0.1 * (high - low) + 1e-9
-        ax.set_ylim(low - pad, high + pad)
-        ax.set_title(titles[key], fontsize=10)
-        ax.set_xticks(x, ["plain", "BCE", "SQuINT", "SOrT SQ", "SOrT"], fontsize=8)
-    axes[0, 0].legend(fontsize=8, loc="best")
-    seeds = len(results["methods"]["baseline"])
-    fig.suptitle(f"Table 1 on the synthetic benchmark, test split, {seeds} seeds "
-                 "(bars: mean ± std, dots: seeds)", fontsize=11)
+                ax.plot(i, paper * k, "D", color="black", ms=5, label="paper (real data)")
+                everything.append(paper * k)
+        if everything:
+            low, high = min(everything), max(everything)
+            pad = 0.1 * (high - low) + 1e-9
+            ax.set_ylim(low - pad, high + pad)
+        ax.set_title(titles.get(key, key), fontsize=10)
+        ax.set_xticks(x, [SHORT_NAMES[row] for row in rows], fontsize=7, rotation=30)
+        handles, labels = ax.get_legend_handles_labels()
+        if handles:
+            ax.legend(handles[:1], labels[:1], fontsize=7, loc="best")
+    fig.suptitle(f"Table 1 on the synthetic benchmark ({results['protocol']['synthetic_design']} "
+                 f"design, world {results['protocol']['synthetic_seed']}), test split, "
+                 f"{len(results['pretrained'])} seeds (bars: mean ± std, dots: seeds)",
+                 fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def wording_rule(args: argparse.Namespace) -> Dict[str, float]:
+    """Accuracy on the test split's reasoning questions, per template and overall (``"all"``),
+    of the rule that reads only the wording: the training split's majority answer for the same
+    question with object types and colour words masked (the template's majority when the
+    masked wording never occurred in training). A text-only shortcut without any learning."""
+    masked = re.compile(r"\b(%s)\b" % "|".join(TYPES + COLOURS))
+    data = {split: synthetic_split(args.synthetic_seed, split, groups, args.synthetic_design)
+            for split, groups in (("train", args.synthetic_train_groups),
+                                  ("test", args.synthetic_test_groups))}
+    by_wording: Dict[str, Counter] = defaultdict(Counter)
+    by_template: Dict[str, Counter] = defaultdict(Counter)
+    for group, template in zip(data["train"], data["train"].templates):
+        by_wording[masked.sub("_", group.questions[0])][group.answers[0]] += 1
+        by_template[template][group.answers[0]] += 1
+    right: Dict[str, List[bool]] = defaultdict(list)
+    for group, template in zip(data["test"], data["test"].templates):
+        votes = by_wording.get(masked.sub("_", group.questions[0])) or by_template[template]
+        right[template].append(votes.most_common(1)[0][0] == group.answers[0])
+    accuracy = {t: float(np.mean(v)) for t, v in sorted(right.items())}
+    accuracy["all"] = float(np.mean([x for v in right.values() for x in v]))
+    return accuracy
+
+
+def _commit() -> Dict[str, Any]:
+    """The git commit of the code that ran (``None`` outside a git checkout) and whether the
+    working tree had changes."""
+    cwd = Path(__file__).resolve().parent
+
+    def git(*argv: str) -> Optional[str]:
+        try:
+            return subprocess.run(["git", *argv], cwd=cwd, capture_output=True, text=True,
+                                  check=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"),
+            "dirty": None if status is None else bool(status)}
 
 
 def _check_protocol(args: argparse.Namespace, root: Path) -> Dict[str, Any]:
@@ -317,53 +462,93 @@ def _check_protocol(args: argparse.Namespace, root: Path) -> Dict[str, Any]:
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Runs the protocol as the flags say; returns what ``--json`` holds."""
-    if args.tune_seeds > args.seeds:
-        raise CLIError(f"--tune-seeds {args.tune_seeds} exceeds --seeds {args.seeds}")
+    if args.tune_seeds > 0 and not set(args.rows) & {"squint", "sort_sq", "sort_sq_paper",
+                                                      "sort"}:
+        raise CLIError("--tune-seeds needs a tuned row in --rows (squint, sort_sq, "
+                       "sort_sq_paper or sort)")
+    if "baseline" not in args.rows:
+        raise CLIError("--rows must include baseline (every row is compared with it)")
+    code = _commit()  # before any run: the code the numbers come from
     root = Path(args.out)
     protocol = _check_protocol(args, root)
     plan = Plan(args)
     workers = args.jobs
 
-    _execute([plan.pretrain(s) for s in plan.seeds], workers, "pretrain")
-    tuned = {row: grid for row, grid in plan.grids.items() if len(grid) > 1}
+    probe_jobs = {probe: [plan.pretrain(s, probe) for s in plan.probe_seeds] for probe in PROBES}
+    _execute([plan.pretrain(s) for s in plan.seeds + plan.tune_seeds]
+             + [job for jobs in probe_jobs.values() for job in jobs], workers, "pretrain")
+    tuned = {row: plan.grids[row] for row in plan.tuned if plan.tune_seeds}
     tune_jobs = [plan.finetune(row, lam, s) for row, grid in tuned.items() for lam in grid
                  for s in plan.tune_seeds]
     _execute(tune_jobs, workers, "tune (val)")
 
     tuning: Dict[str, List[Dict[str, Any]]] = {}
-    chosen: Dict[str, Dict[str, float]] = {}
-    for row, grid in plan.grids.items():
-        if row not in tuned:
-            chosen[row] = grid[0]
-            continue
+    best: Dict[str, Dict[str, float]] = {}
+    for row, grid in tuned.items():
         scored = []
         for lam in grid:
-            val = [plan.finetune(row, lam, s).metrics() for s in plan.tune_seeds]
+            jobs = [plan.finetune(row, lam, s) for s in plan.tune_seeds]
+            val = [job.metrics() for job in jobs]
             scored.append({"lambdas": lam, "val_score": float(np.mean([val_score(m)
                                                                         for m in val])),
-                           "val": [_row(m, s) for m, s in zip(val, plan.tune_seeds)]})
+                           "val": [_row(m, s, train_command=job.command)
+                                   for m, s, job in zip(val, plan.tune_seeds, jobs)]})
         tuning[row] = scored
-        chosen[row] = max(scored, key=lambda r: r["val_score"])["lambdas"]  # first on ties
+        best[row] = max(scored, key=lambda r: r["val_score"])["lambdas"]  # first on ties
+    chosen = plan.chosen_lambdas({row: best.get(row, plan.grids[row][0]) for row in plan.tuned})
 
-    final = {row: [plan.finetune(row, chosen[row], s) for s in plan.seeds] for row in METHODS}
+    final = {row: [plan.finetune(row, chosen[row], s) for s in plan.seeds] for row in plan.rows}
     _execute([job for jobs in final.values() for job in jobs], workers, "fine-tune")
-    pretrained = [plan.pretrain(s) for s in plan.seeds]
-    tests = {row: [plan.test(job) for job in jobs] for row, jobs in
-             {"pretrained": pretrained, **final}.items()}
+    trained = {"pretrained": [plan.pretrain(s) for s in plan.seeds], **final, **probe_jobs}
+    tests = {row: [plan.test(job) for job in jobs] for row, jobs in trained.items()}
     _execute([job for jobs in tests.values() for job in jobs], workers, "test")
 
-    report = {row: [_row(job.metrics(), s) for job, s in zip(jobs, plan.seeds)]
-              for row, jobs in tests.items()}
+    def report(row: str, seeds: Sequence[int]) -> List[Dict[str, Any]]:
+        entries = []
+        for seed, job, test in zip(seeds, trained[row], tests[row]):
+            commands = {"train_command": job.command, "test_command": test.command}
+            if row in final:  # fine-tuned from the plain model of its seed
+                commands["init_command"] = plan.pretrain(seed).command
+            entries.append(_row(test.metrics(), seed, **commands))
+        return entries
+
+    methods = {row: report(row, plan.seeds) for row in plan.rows}
+    per_seed = {"pretrained": report("pretrained", plan.seeds), **methods}
+    def compare(control: str, rows: List[str]) -> Dict[str, Any]:
+        # a metric undefined in some seed (e.g. coupling without a right reasoning answer) is
+        # left out of the family rather than compared on fewer seeds
+        defined = {key: up for key, up in PRIMARY.items()
+                   if all(r.get(key) is not None for row in (control, *rows)
+                          for r in per_seed[row])}
+        if not rows or len(plan.seeds) < 2 or not defined:
+            return {}
+        return compare_rows(per_seed, control, rows, defined)
+
+    stats = {"vs_baseline": compare("baseline", [row for row in plan.rows if row != "baseline"])}
+    if "control" in plan.rows:
+        stats["vs_control"] = compare("control", [
+            row for row in ("sort", "sort_sq_paper", "sort_sq", "sort_margin")
+            if row in plan.rows])
     results = {
         "split": "test",
         "units": "fractions (the paper prints percentages; WPR x100); grounding is Spearman's "
                  "rho against the synthetic grounding truth (the paper: against VQA-HAT)",
+        **code,
+        "command": shlex.join([sys.executable, "-m", "sort_fast.experiments.table1",
+                               *args.argv]),
         "protocol": protocol,
         "lambdas": chosen,
         "tuning": tuning,
         "paper": PAPER,
-        "pretrained": report.pop("pretrained"),
-        "methods": report,
+        "pretrained": per_seed["pretrained"],
+        "methods": methods,
+        "probes": {probe: report(probe, plan.probe_seeds) for probe in PROBES},
+        "wording_rule": wording_rule(args),
+        "stats": stats,
+        "statistics": "per-seed paired differences (same seed = same plain model); 95 % "
+                      "t-intervals; two-sided paired t-test p, Holm-corrected over every "
+                      "(row, metric) of one table (one world); d_z = mean / std of the "
+                      "differences; Wilcoxon signed-rank p beside it",
     }
     table = markdown(results)
     atomic_write(root / "table1.md", lambda f: f.write((table + "\n").encode()))
@@ -381,12 +566,13 @@ def build_parser() -> OneLineParser:
     """The parser of ``python -m sort_fast.experiments.table1``."""
     train = build_train_parser().parse_args([])  # its defaults are the runs' defaults
     p = OneLineParser(prog=PROG, description=(
-        "Reproduce the paper's Table 1 on the embedded synthetic benchmark. Trains the four "
-        "rows of Table 1 from the same plain model over several seeds, tunes λ on the val split "
-        "and reports the held-out test split. The defaults take about 25 minutes on a 2-core "
-        "CPU."))
+        "Reproduce the paper's Table 1 on the embedded synthetic benchmark. Trains plain "
+        "models into the perception regime, fine-tunes every row from the same plain model "
+        "over several seeds, tunes λ on the val split with seeds of its own, and reports the "
+        "held-out test split with paired statistics and shortcut probes. The defaults take "
+        "about 45 minutes per world on a 2-core CPU; --synthetic-seed picks the world."))
     p.add_argument("--out", default="runs/table1",
-                   help="directory of all runs (pretrain/, finetune/<row>/<λ>/seed<k>/, "
+                   help="directory of all runs (pretrain/, probe_*/, finetune/<row>/<λ>/seed<k>/, "
                         "table1.md); rerunning continues an interrupted invocation "
                         "(default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
@@ -401,29 +587,41 @@ def build_parser() -> OneLineParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
                    help="device of every run (default: %(default)s)")
     proto = p.add_argument_group("protocol")
-    proto.add_argument("--seeds", type=positive_int, default=5,
-                       help="seeds 0..N-1 of every row (initialisation, dropout, data order; "
-                            "default: %(default)s)")
-    proto.add_argument("--tune-seeds", type=positive_int, default=2,
-                       help="the first N seeds also train every λ of the grids, scored on val "
+    proto.add_argument("--rows", nargs="+", choices=tuple(METHODS), default=list(DEFAULT_ROWS),
+                       help="rows to fine-tune: baseline (BCE as long), control (SOrT's per-role "
+                            "BCE weights at SOrT's λ, no Grad-CAM term), squint, sort_sq (only "
+                            "SQ, irrelevant BCE kept at λ3), sort_sq_paper (only SQ, λ3 = 0), "
+                            "sort, sort_margin (sort's λ with --margin) (default: %(default)s)")
+    proto.add_argument("--seeds", type=positive_int, default=10,
+                       help="reported seeds 0..N-1 of every row (initialisation, dropout, data "
+                            "order; default: %(default)s)")
+    proto.add_argument("--tune-seeds", type=non_negative_int, default=2,
+                       help="seeds N..N+K-1 (after the reported ones) train every λ of the "
+                            "grids, scored on val; 0 takes each grid's first value "
                             "(default: %(default)s)")
-    proto.add_argument("--pretrain-epochs", type=positive_int, default=train.epochs,
-                       help="epochs of the plain model (default: %(default)s)")
-    proto.add_argument("--finetune-epochs", type=positive_int, default=5,
+    proto.add_argument("--probe-seeds", type=non_negative_int, default=2,
+                       help="seeds of the shortcut probes, plain models that see only the "
+                            "question (text-only) or only the image (image-only) "
+                            "(default: %(default)s)")
+    proto.add_argument("--pretrain-epochs", type=positive_int, default=60,
+                       help="epochs of the plain models and probes (default: %(default)s)")
+    proto.add_argument("--finetune-epochs", type=positive_int, default=8,
                        help="epochs of every fine-tuned row, the baseline included "
                             "(default: %(default)s)")
     proto.add_argument("--attention-grid", type=non_negative_float, nargs="+",
                        default=[0.1, 1.0, 10.0],
                        help="SQuINT's --lambda-attention values (default: %(default)s)")
     proto.add_argument("--bce-grid", type=non_negative_float, nargs="+",
-                       default=[0.227, 2.27, 22.7],
+                       default=[0.227, 2.27],
                        help="SOrT's λ1 = λ2 (--lambda-reasoning = --lambda-sub) values "
                             "(default: %(default)s; the paper's is 2.27)")
     proto.add_argument("--irrelevant-grid", type=non_negative_float, nargs="+",
                        default=[3e-4, 2.27],
-                       help="SOrT's λ3 (--lambda-irrelevant) values (default: %(default)s; "
-                            "the paper's is 3e-4)")
-    model = p.add_argument_group("model and data (defaults: sort_fast.train's)")
+                       help="SOrT's λ3 (--lambda-irrelevant) values of sort and sort_sq "
+                            "(default: %(default)s; the paper's is 3e-4)")
+    proto.add_argument("--margin", type=positive_float, default=0.25,
+                       help="hinge margin of the sort_margin row (default: %(default)s)")
+    model = p.add_argument_group("model and data (defaults: sort_fast.train's unless stated)")
     model.add_argument("--lr", type=positive_float, default=train.lr,
                        help="learning rate of every run (default: %(default)s)")
     model.add_argument("--batch-groups", type=positive_int, default=train.batch_groups,
@@ -432,8 +630,15 @@ def build_parser() -> OneLineParser:
                        help="LSTM, attention and text-classifier width (default: %(default)s)")
     model.add_argument("--joint-dim", type=positive_int, default=train.joint_dim,
                        help="joint embedding width (default: %(default)s)")
+    model.add_argument("--image-glimpses", type=positive_int, default=1,
+                       help="attention heads over the image (Pythia: 2; the balanced design's "
+                            "templates need one; default: %(default)s)")
     model.add_argument("--synthetic-seed", type=int, default=train.synthetic_seed,
-                       help="seed of the synthetic benchmark (default: %(default)s)")
+                       help="the world: seed of the synthetic benchmark (default: %(default)s)")
+    model.add_argument("--synthetic-design", choices=sorted(DESIGNS), default="balanced",
+                       help="reasoning templates: balanced (even answer priors; "
+                            "docs/synthetic_benchmark.md) or v1 (the original, with answer "
+                            "priors) (default: %(default)s)")
     model.add_argument("--synthetic-train-groups", type=positive_int,
                        default=train.synthetic_train_groups,
                        help="training groups (default: %(default)s)")
@@ -447,7 +652,10 @@ def build_parser() -> OneLineParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; returns the exit code."""
-    return run_command(PROG, run, build_parser().parse_args(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv  # recorded in the results
+    return run_command(PROG, run, args)
 
 
 if __name__ == "__main__":

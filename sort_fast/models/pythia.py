@@ -2,7 +2,8 @@
 
 question -> embedding -> LSTM -> self-attention pooling (``glimpses`` heads) -> ``q``;
 regions -> per-image projection, shared by every question of the image; question-guided
-softmax attention over the (masked) regions -> attended feature ``v``;
+softmax attention over the (masked) regions (``image_glimpses`` heads, concatenated) ->
+attended feature ``v``;
 ``joint = relu_fc(v) * relu_fc(q)`` (the joint embedding, where Grad-CAM vectors are taken);
 ``scores = BranchSum(text_branch, image_branch)(joint)`` (Pythia's logit classifier).
 """
@@ -19,7 +20,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from ..data.group import PackedBatch
 from ..heads import pythia_classifier
 
-__all__ = ["PythiaConfig", "pythia_sizes", "PythiaOutput", "PythiaVQA"]
+__all__ = ["PythiaConfig", "pythia_sizes", "PythiaOutput", "PythiaVQA", "INPUT_ABLATIONS"]
 
 
 @dataclass
@@ -39,6 +40,13 @@ class PythiaConfig:
     classifier_image_hidden: int = 256
     classifier_dropout: float = 0.1
     joint_dropout: float = 0.1
+    image_glimpses: int = 1
+    # "none", or a shortcut probe: "text-only" (every region feature zeroed) or "image-only"
+    # (every question replaced by one constant token)
+    input_ablation: str = "none"
+
+
+INPUT_ABLATIONS = ("none", "text-only", "image-only")
 
 
 def pythia_sizes(vocab_size: int, num_answers: int = 3129) -> PythiaConfig:
@@ -60,8 +68,8 @@ def relu_fc(in_dim: int, out_dim: int) -> nn.Sequential:
 @dataclass
 class PythiaOutput:
     """``scores [T, A]`` logits (``scores == model.classifier(joint)``; ``None`` when the
-    forward was asked not to compute them), ``joint [T, D]``, ``attention [T, R]`` region
-    weights (0 on padded regions)."""
+    forward was asked not to compute them), ``joint [T, D]``, ``attention`` region weights (0 on
+    padded regions): ``[T, R]`` with one image glimpse, ``[T, G, R]`` with ``G > 1``."""
 
     scores: Optional[torch.Tensor]
     joint: torch.Tensor
@@ -149,12 +157,17 @@ class PythiaVQA(nn.Module):
     def __init__(self, config: PythiaConfig) -> None:
         super().__init__()
         self.config = cfg = config
+        if cfg.image_glimpses < 1:
+            raise ValueError(f"image_glimpses must be >= 1, got {cfg.image_glimpses}")
+        if cfg.input_ablation not in INPUT_ABLATIONS:
+            raise ValueError(f"input_ablation must be one of {INPUT_ABLATIONS}, got "
+                             f"{cfg.input_ablation!r}")
         q_dim = cfg.text_glimpses * cfg.text_hidden
         self.question_encoder = QuestionEncoder(cfg)
         self.image_projection = relu_fc(cfg.feature_dim, cfg.attention_hidden)
         self.question_projection = relu_fc(q_dim, cfg.attention_hidden)
-        self.attention_scorer = nn.Linear(cfg.attention_hidden, 1)
-        self.image_fusion = relu_fc(cfg.feature_dim, cfg.joint_dim)
+        self.attention_scorer = nn.Linear(cfg.attention_hidden, cfg.image_glimpses)
+        self.image_fusion = relu_fc(cfg.image_glimpses * cfg.feature_dim, cfg.joint_dim)
         self.question_fusion = relu_fc(q_dim, cfg.joint_dim)
         self.joint_dropout = nn.Dropout(cfg.joint_dropout)
         self.classifier = pythia_classifier(cfg.joint_dim, cfg.classifier_text_hidden,
@@ -183,6 +196,11 @@ class PythiaVQA(nn.Module):
             raise ValueError(f"image features have {feats.shape[-1]} dims, the model expects "
                              f"{self.config.feature_dim}")
         tokens, lengths = batch.question_tokens, batch.question_lengths
+        if self.config.input_ablation == "text-only":
+            feats = torch.zeros_like(feats)
+        elif self.config.input_ablation == "image-only":
+            tokens, lengths = torch.ones_like(tokens[:, :1]), torch.ones_like(lengths)
+            share_questions = False  # the batch's distinct questions are those of the text
         host_lengths = None
         if share_questions:
             if batch.question_first is not None:  # found where the batch was built
@@ -192,7 +210,9 @@ class PythiaVQA(nn.Module):
                 first, inverse = _distinct_questions(tokens, lengths)
             tokens, lengths = tokens[first], lengths[first]
         q = self.question_encoder(tokens, lengths, host_lengths)                   # [U, Dq]
-        qp = self.question_projection(q) * self.attention_scorer.weight[0]         # [U, H]
+        # one attention vector per glimpse: the scorer is linear, so it folds into the
+        # question side
+        qp = self.question_projection(q)[:, None] * self.attention_scorer.weight   # [U, G, H]
         qf = self.question_fusion(q)                                               # [U, D]
         if share_questions:
             qp, qf = qp[inverse], qf[inverse]                                      # [T, ...]
@@ -201,14 +221,20 @@ class PythiaVQA(nn.Module):
             slot, per_image = batch.image_slot, batch.max_per_image
         else:
             slot, per_image = _slots(index, feats.shape[0])
-        q_grid = qp.new_zeros(feats.shape[0], per_image, qp.shape[1])
+        num_images, regions = feats.shape[0], feats.shape[1]
+        glimpses = qp.shape[1]
+        q_grid = qp.new_zeros(num_images, per_image, glimpses, qp.shape[2])
         q_grid[index, slot] = qp
-        logits = torch.bmm(q_grid, img.transpose(1, 2))[index, slot]               # [T, R]
-        logits = logits + self.attention_scorer.bias
-        attention = logits.masked_fill(~mask[index], float("-inf")).softmax(dim=1)
-        a_grid = attention.new_zeros(feats.shape[0], per_image, feats.shape[1])
-        a_grid[index, slot] = attention
-        attended = torch.bmm(a_grid, feats)[index, slot]                          # [T, F]
+        logits = torch.bmm(q_grid.flatten(1, 2), img.transpose(1, 2)).view(
+            num_images, per_image, glimpses, regions)[index, slot]                 # [T, G, R]
+        logits = logits + self.attention_scorer.bias[:, None]
+        attention = logits.masked_fill(~mask[index][:, None], float("-inf")).softmax(dim=2)
+        if glimpses == 1:  # [T, R], and the tensor the rest is computed from (region Grad-CAM)
+            attention = attention.squeeze(1)
+        a_grid = attention.new_zeros(num_images, per_image, glimpses, regions)
+        a_grid[index, slot] = attention.view(-1, glimpses, regions)
+        attended = torch.bmm(a_grid.flatten(1, 2), feats).view(
+            num_images, per_image, glimpses * feats.shape[2])[index, slot]         # [T, G*F]
         joint = self.joint_dropout(self.image_fusion(attended) * qf)
         return PythiaOutput(scores=self.classifier(joint) if scores else None, joint=joint,
                             attention=attention)
@@ -217,11 +243,14 @@ class PythiaVQA(nn.Module):
                        *, create_graph: bool = False) -> torch.Tensor:
         """Region-level Grad-CAM ``[T, R]``: ``attention * d y_c / d attention`` (the gradient
         of the class score w.r.t. each attended region, times its weight, summed over
-        features), 0 on padded regions. ``classes [T]`` defaults to ``batch.classes``."""
+        features, and over glimpses), 0 on padded regions. ``classes [T]`` defaults to
+        ``batch.classes``."""
         classes = batch.classes if classes is None else classes
         with torch.enable_grad():
             out = self(batch)
             y = out.scores.gather(1, classes[:, None]).sum()
             (grad,) = torch.autograd.grad(y, out.attention, create_graph=create_graph)
         cam = grad * out.attention
+        if cam.dim() == 3:  # [T, G, R]
+            cam = cam.sum(1)
         return cam if create_graph else cam.detach()

@@ -12,12 +12,16 @@ import signal
 import sys
 from typing import Any, Callable, List, NoReturn, Optional, Sequence
 
+from ..data.synthetic import DESIGNS
+from ..models.pythia import INPUT_ABLATIONS
+
 __all__ = ["CLIError", "Interrupted", "OneLineParser", "build_train_parser",
            "build_evaluate_parser", "command_line", "require_all", "LOSSES", "METHOD_NAMES"]
 
-LOSSES = ("bce", "squint", "sort-sq", "sort")
+LOSSES = ("bce", "squint", "sort-sq", "sort", "role-bce")
 METHOD_NAMES = {"bce": "Pythia", "squint": "Pythia + SQuINT", "sort-sq": "Pythia + SOrT (only SQ)",
-                "sort": "Pythia + SOrT (SQ + IQ)"}
+                "sort": "Pythia + SOrT (SQ + IQ)",
+                "role-bce": "Pythia + SOrT's BCE weights (no Grad-CAM term)"}
 
 
 class CLIError(Exception):
@@ -168,6 +172,9 @@ def _add_run_flags(parser: argparse.ArgumentParser, training: bool) -> None:
                              "default. The model is small, so extra threads mostly add "
                              "synchronisation, and suffer most on a shared machine "
                              "(default: %(default)s)")
+    parser.add_argument("--no-plots", dest="plots", action="store_false",
+                        help="write metrics.json and table1.md without the plots (saves a few "
+                             "seconds per report, e.g. in a protocol of many runs)")
     parser.add_argument("--naive", action="store_true",
                         help="compute Grad-CAM gradients with plain autograd "
                              "(autograd.grad(create_graph=True)) instead of the closed-form "
@@ -243,8 +250,9 @@ def build_train_parser() -> OneLineParser:
     loss.add_argument("--loss", choices=LOSSES, default="sort",
                       help="bce: plain model, BCE on all questions; squint: BCE plus attention "
                            "alignment of reasoning and sub-questions (Selvaraju et al. 2020); "
-                           "sort-sq: SOrT with sub-questions only; sort: full SOrT "
-                           "(default: %(default)s)")
+                           "sort-sq: SOrT with sub-questions only; sort: full SOrT; role-bce: "
+                           "SOrT's per-role BCE weights (--lambda-reasoning/-sub/-irrelevant) "
+                           "without its Grad-CAM term, a control (default: %(default)s)")
     loss.add_argument("--lambda-reasoning", type=non_negative_float, default=2.27,
                       help="SOrT weight of the reasoning questions' BCE (default: %(default)s)")
     loss.add_argument("--lambda-sub", type=non_negative_float, default=2.27,
@@ -277,12 +285,24 @@ def build_train_parser() -> OneLineParser:
     model.add_argument("--dropout", type=_probability, default=0.1,
                        help="dropout on the joint embedding and in the classifier (default: "
                             "%(default)s)")
+    model.add_argument("--image-glimpses", type=positive_int, default=1,
+                       help="attention heads over the image regions, concatenated (Pythia: 2; "
+                            "default: %(default)s)")
+    model.add_argument("--input-ablation", choices=INPUT_ABLATIONS, default="none",
+                       help="shortcut probes: text-only zeroes every region feature, "
+                            "image-only replaces every question by one token (default: "
+                            "%(default)s)")
 
     data = p.add_argument_group("training data")
     data.add_argument("--synthetic-seed", type=int, default=0,
                       help="seed of the embedded synthetic benchmark (default: %(default)s)")
     data.add_argument("--synthetic-train-groups", type=positive_int, default=3000,
                       help="training groups of the synthetic benchmark (default: %(default)s)")
+    data.add_argument("--synthetic-design", choices=sorted(DESIGNS), default="v1",
+                      help="reasoning templates of the synthetic benchmark: v1 (the original, "
+                           "with answer priors) or balanced (even priors, templates two "
+                           "glimpses can perceive; docs/synthetic_benchmark.md; default: "
+                           "%(default)s)")
     data.add_argument("--introspect", type=existing_file, default=None,
                       help="VQA-Introspect training JSON (real data; needs --vqa-questions, "
                            "--vqa-annotations, --features and the --val-* files)")

@@ -4,20 +4,25 @@ On the validation groups: consistency quadrants and per-role accuracy (pooled
 :class:`~sort_fast.metrics.ConsistencyMeter`), ranking metrics of the Grad-CAM similarities at
 the joint embedding for the ground-truth classes, and visual grounding (Spearman rho between
 the reasoning question's region Grad-CAM and the grounding truth, or VQA-HAT maps).
+Breakdowns: accuracy per kind of perception question, the spread of the Grad-CAM cosines and,
+given each group's reasoning template, per-template consistency and its coupling (how much more
+consistent the model is than its sub-question accuracy alone predicts).
 """
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from scipy.stats import spearmanr
 
 from ..data import Group, Vocab, collate_groups, load_hat_maps, regions_to_map
-from ..layout import ROLE_IRRELEVANT, ROLE_SUB, row_roles
+from ..data.synthetic import COLOURS, SIZES, STATES
+from ..layout import ROLE_IRRELEVANT, ROLE_REASONING, ROLE_SUB, candidate_layout, row_roles
 from ..metrics import ConsistencyMeter, ranking_metrics_packed
 from ..models import PythiaVQA
 from ..ops.contrastive_loss import gradcam_similarity
@@ -25,10 +30,26 @@ from .checkpoint import atomic_write
 from .config import CLIError
 from .objective import gradcam_gradient
 
-__all__ = ["Example", "EvalResult", "evaluate", "load_hat", "format_metric", "format_table",
-           "write_report"]
+__all__ = ["Example", "EvalResult", "evaluate", "question_kind", "QUESTION_KINDS", "load_hat",
+           "format_metric", "format_table", "write_report"]
 
 HAT_SIZE = 14
+
+
+def _any_of(words: Sequence[str]) -> str:
+    return "(?:" + "|".join(map(re.escape, words)) + ")"
+
+
+# Kinds of perception question, recognised by the phrasings of the synthetic benchmark
+# ("what colour is the dog?", "is the dog red?", "what size is the dog?", "is the dog big?",
+# "is the dog clean?", "is there a dog?", "can you see a dog?"); anything else is "other".
+_KIND_PATTERNS: Tuple[Tuple[str, "re.Pattern[str]"], ...] = (
+    ("colour", re.compile(rf"^what colou?r is\b|^is the .+ {_any_of(COLOURS)}\?$")),
+    ("size", re.compile(rf"^what size is\b|^is the .+ {_any_of(SIZES)}\?$")),
+    ("state", re.compile(rf"^is the .+ {_any_of(STATES)}\?$")),
+    ("present", re.compile(r"^(?:is there|can you see) an? \S")),
+)
+QUESTION_KINDS: Tuple[str, ...] = (*(kind for kind, _ in _KIND_PATTERNS), "other")
 
 
 @dataclass
@@ -65,11 +86,106 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a, b).statistic)
 
 
+def question_kind(question: str) -> str:
+    """The kind of a perception question: ``"colour"``, ``"size"``, ``"state"`` (clean or
+    dirty), ``"present"`` (is there / can you see) or ``"other"`` (case and spacing ignored)."""
+    text = " ".join(question.lower().split())
+    return next((kind for kind, pattern in _KIND_PATTERNS if pattern.search(text)), "other")
+
+
+def _question_kind_accuracy(questions: Sequence[str], correct: np.ndarray
+                            ) -> Dict[str, Dict[str, Any]]:
+    """``{kind: {"accuracy", "questions"}}`` over ``questions`` (texts) and whether each was
+    answered correctly, for the kinds present; each distinct text is parsed once."""
+    texts, inverse = np.unique(np.asarray(questions, dtype=str), return_inverse=True)
+    kind_of_text = np.array([QUESTION_KINDS.index(question_kind(t)) for t in texts],
+                            dtype=np.int64)
+    kinds = kind_of_text[inverse.reshape(-1)]
+    total = np.bincount(kinds, minlength=len(QUESTION_KINDS))
+    right = np.bincount(kinds, weights=correct, minlength=len(QUESTION_KINDS))
+    return {kind: {"accuracy": float(right[k] / total[k]), "questions": int(total[k])}
+            for k, kind in enumerate(QUESTION_KINDS) if total[k]}
+
+
+def _similarity_spread(similarity: torch.Tensor, roles: np.ndarray, offsets: torch.Tensor,
+                       num_sub: torch.Tensor, group_wpr: np.ndarray) -> Dict[str, Any]:
+    """Spread of the Grad-CAM cosines ``similarity [T]``: their standard deviation over the
+    sub-questions and over the irrelevant questions (None without any), the mean over groups of
+    the range (max - min) of the group's candidate cosines (sub-questions and irrelevant
+    questions, as ranked), and the mean over groups of ``group_wpr [N]`` divided by that range
+    (0 for a group whose range is 0): a WPR that does not shrink with the cosines' scale."""
+    sim = similarity.numpy().astype(np.float64)
+    rows, _, candidate_offsets = candidate_layout(offsets, num_sub, sim.size)
+    candidates, starts = sim[rows.numpy()], candidate_offsets[:-1].numpy()
+    spread = np.maximum.reduceat(candidates, starts) - np.minimum.reduceat(candidates, starts)
+    scaled = np.divide(group_wpr, spread, out=np.zeros_like(spread), where=spread > 0)
+    sub, irrelevant = sim[roles == ROLE_SUB], sim[roles == ROLE_IRRELEVANT]
+    return {
+        "similarity_sub_std": float(sub.std()) if sub.size else None,
+        "similarity_irrelevant_std": float(irrelevant.std()) if irrelevant.size else None,
+        "similarity_group_range_mean": float(spread.mean()),
+        "wpr_over_range": float(scaled.mean()),
+    }
+
+
+def _template_breakdown(templates: Sequence[str], roles: np.ndarray, correct: np.ndarray,
+                        predicted: np.ndarray, offsets: torch.Tensor, yes: Optional[int]
+                        ) -> Dict[str, Any]:
+    """``per_template``, ``independent_consistency`` and ``coupling`` (see :func:`evaluate`)
+    from the template name of every group, the row ``roles [T]``, ``correct [T]`` and
+    ``predicted [T]`` classes, the packed ``offsets [N+1]`` and the class of "yes" (or None)."""
+    names, template = np.unique(np.asarray(templates, dtype=str), return_inverse=True)
+    template = template.reshape(-1)
+
+    def per_template(index: np.ndarray, weights: Optional[np.ndarray] = None) -> np.ndarray:
+        return np.bincount(index, weights=weights, minlength=names.size)
+
+    first = offsets[:-1].numpy()
+    group = np.repeat(np.arange(first.size), np.diff(offsets.numpy()))
+    sub = roles == ROLE_SUB
+    reasoning_right, answer = correct[first], predicted[first]
+    # every sub-question makes one <reasoning, sub-question> pair with its group's reasoning row
+    pair_template, pair_r, pair_s = template[group[sub]], reasoning_right[group[sub]], correct[sub]
+    groups = per_template(template)
+    r_pairs = per_template(pair_template, pair_r)
+    rs_pairs = per_template(pair_template, pair_r & pair_s)
+    # were reasoning and sub-question correctness independent within a template, its consistency
+    # P(S right | R right) would be P(S right) over its pairs: its sub-question accuracy
+    sub_accuracy = per_template(pair_template, pair_s) / per_template(pair_template)
+    reasoning_accuracy = per_template(template, reasoning_right) / groups
+    yes_rate = None if yes is None else per_template(template, answer == yes) / groups
+    width = int(answer.max()) + 1
+    answers = np.bincount(template * width + answer, minlength=names.size * width)
+    mode_share = answers.reshape(names.size, width).max(1) / groups
+    breakdown: Dict[str, Dict[str, Any]] = {}
+    for t, name in enumerate(names.tolist()):
+        consistency = float(rs_pairs[t] / r_pairs[t]) if r_pairs[t] else None
+        breakdown[name] = {
+            "groups": int(groups[t]),
+            "reasoning_accuracy": float(reasoning_accuracy[t]),
+            "sub_accuracy": float(sub_accuracy[t]),
+            "consistency": consistency,
+            "independent_consistency": float(sub_accuracy[t]),
+            "coupling": None if consistency is None else consistency - float(sub_accuracy[t]),
+            "yes_rate": None if yes_rate is None else float(yes_rate[t]),
+            "mode_share": float(mode_share[t]),
+        }
+    # globally: the per-template expectations under independence, weighted by each template's
+    # share of the pairs with a right reasoning answer (the pairs consistency is taken over)
+    r_total = r_pairs.sum()
+    expected = float((r_pairs / r_total) @ sub_accuracy) if r_total else None
+    return {
+        "per_template": breakdown,
+        "independent_consistency": expected,
+        "coupling": None if expected is None else float(rs_pairs.sum() / r_total) - expected,
+    }
+
+
 @torch.no_grad()
 def evaluate(model: PythiaVQA, groups: Sequence[Group], *, batch_groups: int,
              device: torch.device, naive: bool = False, answer_vocab: Optional[Vocab] = None,
              hat_maps: Optional[Mapping[int, np.ndarray]] = None,
-             num_examples: int = 4) -> EvalResult:
+             num_examples: int = 4, templates: Optional[Sequence[str]] = None) -> EvalResult:
     """Evaluates ``model`` (in eval mode; its mode is restored) on ``groups``.
 
     Grad-CAM gradients come from :func:`~sort_fast.training.objective.gradcam_gradient`
@@ -78,7 +194,34 @@ def evaluate(model: PythiaVQA, groups: Sequence[Group], *, batch_groups: int,
     14x14 grid (``regions_to_map``) and compared with its VQA-HAT map; otherwise with the
     group's region ``grounding`` where known. Constant maps count as rho = 0. The region
     Grad-CAM is signed (no ReLU), so regions that lower the answer's score rank last.
+
+    Besides the metrics of docs/metrics.md:
+
+    - ``question_kind_accuracy``: ``{kind: {"accuracy", "questions"}}`` over the sub-questions
+      and irrelevant questions together, by :func:`question_kind` of their text.
+    - ``similarity_sub_std``, ``similarity_irrelevant_std``: standard deviation of the Grad-CAM
+      cosines of all sub-questions / irrelevant questions (None without any);
+      ``similarity_group_range_mean``: mean over groups of the range (max - min) of the cosines
+      of the group's candidates (its sub-questions and irrelevant questions);
+      ``wpr_over_range``: mean over groups of the group's WPR divided by that range (0 where the
+      range is 0), a WPR that does not shrink when the cosines crowd together.
+    - With ``templates`` (the reasoning template of each group, in the order of ``groups``):
+      ``per_template``, ``{name: {...}}`` in name order, with the template's ``groups``,
+      ``reasoning_accuracy``, ``sub_accuracy``, ``consistency`` (pooled over its pairs; None if
+      no reasoning answer of the template is right), ``independent_consistency`` (the
+      consistency expected were reasoning and sub-question correctness independent within the
+      template: the fraction of its pairs whose sub-question is right, i.e. its
+      ``sub_accuracy``), ``coupling = consistency - independent_consistency`` (None with
+      consistency), ``yes_rate`` (fraction of its reasoning questions predicted "yes"; None
+      without ``answer_vocab`` or a "yes" in it) and ``mode_share`` (fraction of its reasoning
+      questions predicted as its most frequent predicted answer). Globally
+      ``independent_consistency = sum_t (R-right pairs of t / all R-right pairs) *
+      independent_consistency_t`` and ``coupling = consistency - independent_consistency``:
+      consistency beyond what per-template sub-question accuracy predicts under independence
+      (both None when no pair has a right reasoning answer).
     """
+    if templates is not None and len(templates) != len(groups):
+        raise ValueError(f"templates has {len(templates)} names for {len(groups)} groups")
     was_training = model.training
     model.eval()
     meter = ConsistencyMeter()
@@ -86,6 +229,8 @@ def evaluate(model: PythiaVQA, groups: Sequence[Group], *, batch_groups: int,
     roles: List[torch.Tensor] = []
     sizes: List[torch.Tensor] = []
     num_subs: List[torch.Tensor] = []
+    corrects: List[torch.Tensor] = []
+    preds: List[torch.Tensor] = []
     rhos: List[float] = []
     examples: List[Example] = []
     try:
@@ -109,6 +254,8 @@ def evaluate(model: PythiaVQA, groups: Sequence[Group], *, batch_groups: int,
             roles.append(role.cpu())
             sizes.append(size.cpu())
             num_subs.append(batch.num_sub.cpu())
+            corrects.append(correct.cpu())
+            preds.append(pred.cpu())
 
             cam = model.region_gradcam(batch, batch.classes).float().cpu().numpy()
             first = batch.offsets[:-1].cpu().numpy()
@@ -142,10 +289,11 @@ def evaluate(model: PythiaVQA, groups: Sequence[Group], *, batch_groups: int,
     finally:
         model.train(was_training)
 
-    similarity, role_all = torch.cat(sims), torch.cat(roles)
+    similarity, role_all, num_sub = torch.cat(sims), torch.cat(roles), torch.cat(num_subs)
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cat(sizes).cumsum(0)])
     metrics: Dict[str, Any] = dict(meter.compute())
-    ranking = ranking_metrics_packed(similarity, offsets, torch.cat(num_subs))
+    ranking = ranking_metrics_packed(similarity, offsets, num_sub, per_group=True)
+    group_wpr = ranking.pop("per_group")["wpr"]
     metrics.update({k: float(v) if k not in ("groups", "misranked_groups") else int(v)
                     for k, v in ranking.items()})
     metrics["similarity_sub_mean"] = float(similarity[role_all == ROLE_SUB].mean())
@@ -155,6 +303,15 @@ def evaluate(model: PythiaVQA, groups: Sequence[Group], *, batch_groups: int,
     metrics["grounding_spearman"] = float(np.mean(rhos)) if rhos else None
     metrics["grounding_questions"] = len(rhos)
     metrics["grounding_source"] = "vqa-hat" if hat_maps is not None else "regions"
+
+    role_np, correct_np = role_all.numpy(), torch.cat(corrects).numpy()
+    metrics["question_kind_accuracy"] = _question_kind_accuracy(
+        [q for g in groups for q in g.questions[1:]], correct_np[role_np != ROLE_REASONING])
+    metrics.update(_similarity_spread(similarity, role_np, offsets, num_sub, group_wpr))
+    if templates is not None:
+        metrics.update(_template_breakdown(
+            templates, role_np, correct_np, torch.cat(preds).numpy(), offsets,
+            answer_vocab.get("yes") if answer_vocab is not None else None))
     return EvalResult(metrics, similarity.numpy(), role_all.numpy(), examples)
 
 
@@ -203,11 +360,10 @@ def format_table(metrics: Mapping[str, Any], method: str) -> str:
 
 
 def write_report(result: EvalResult, out_dir: Path, *, method: str,
-                 extra: Optional[Dict[str, Any]] = None) -> str:
-    """Writes ``metrics.json``, ``table1.md`` and the plots into ``out_dir``; returns the
-    table. ``extra`` (e.g. the step) is stored in ``metrics.json`` beside the metrics."""
-    from .plots import plot_all  # matplotlib is imported only when a report is written
-
+                 extra: Optional[Dict[str, Any]] = None, plots: bool = True) -> str:
+    """Writes ``metrics.json``, ``table1.md`` and (``plots``) the plots into ``out_dir``;
+    returns the table. ``extra`` (e.g. the step) is stored in ``metrics.json`` beside the
+    metrics."""
     out_dir.mkdir(parents=True, exist_ok=True)
     table = format_table(result.metrics, method)
     payload = {"method": method, **(extra or {}), "metrics": result.metrics}
@@ -216,5 +372,8 @@ def write_report(result: EvalResult, out_dir: Path, *, method: str,
     atomic_write(out_dir / "table1.md", lambda f: f.write(
         (f"Validation metrics ({result.metrics['groups']} groups, "
          f"{result.metrics['pairs']} <reasoning, sub-question> pairs)\n\n{table}\n").encode()))
-    plot_all(result, out_dir, method)
+    if plots:
+        from .plots import plot_all  # matplotlib is imported only when plots are written
+
+        plot_all(result, out_dir, method)
     return table

@@ -1,5 +1,5 @@
 """Training objectives: the Grad-CAM gradient, SQuINT's attention alignment and the losses of
-``--loss bce|squint|sort-sq|sort``."""
+``--loss bce|squint|sort-sq|sort|role-bce``."""
 from __future__ import annotations
 
 from dataclasses import fields
@@ -11,7 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..data import PackedBatch
 from ..layout import ROLE_SUB, group_ids, row_roles
-from ..losses import SOrTLoss
+from ..losses import SOrTLoss, role_bce
 from ..models import PythiaOutput, PythiaVQA
 from ..ops.head_gradcam import head_gradcam
 
@@ -44,12 +44,13 @@ def attention_alignment(attention: torch.Tensor, offsets: torch.Tensor,
     """SQuINT's attention alignment (Selvaraju et al. 2020): the squared difference between
     the region attention of each sub-question and of its reasoning question, summed over
     regions and averaged over ``<reasoning, sub-question>`` pairs (mean squared error up to the
-    constant number of regions). ``attention [T, R]`` is 0 on padded regions."""
+    constant number of regions). ``attention [T, R]`` (or ``[T, G, R]`` with several glimpses,
+    summed over both) is 0 on padded regions."""
     sizes = offsets[1:] - offsets[:-1]
     roles = row_roles(offsets, num_sub, sizes, num_rows=attention.shape[0])
     sub = (roles == ROLE_SUB).nonzero().squeeze(1)
     reasoning = offsets[:-1][group_ids(sizes, attention.shape[0])[sub]]
-    return (attention[sub] - attention[reasoning]).square().sum(1).mean()
+    return (attention[sub] - attention[reasoning]).square().flatten(1).sum(1).mean()
 
 
 class Objective:
@@ -59,7 +60,11 @@ class Objective:
       questions (the plain Pythia objective);
     - ``squint``: that BCE ``+ lambda_attention *`` :func:`attention_alignment`;
     - ``sort-sq`` / ``sort``: :class:`~sort_fast.SOrTLoss` in mode ``sq_only`` / ``contrastive``
-      on the Grad-CAM vectors at the joint embedding (:func:`gradcam_gradient`).
+      on the Grad-CAM vectors at the joint embedding (:func:`gradcam_gradient`);
+    - ``role-bce``: SOrT's BCE terms alone, ``λ1·BCE(reasoning) + λ2·BCE(sub) +
+      λ3·BCE(irrelevant)`` with a mean per role (:func:`~sort_fast.losses.role_bce`) and no
+      Grad-CAM term: the control that separates SOrT's contrastive term from its re-weighting
+      of the questions.
 
     ``naive`` selects the autograd Grad-CAM path and the loss's PyTorch backend.
     """
@@ -68,6 +73,7 @@ class Objective:
                  lambda_irrelevant: float, margin: float, lambda_attention: float,
                  naive: bool) -> None:
         self.kind, self.naive, self.lambda_attention = kind, naive, lambda_attention
+        self.role_weights = (lambda_reasoning, lambda_sub, lambda_irrelevant)
         self.sort_loss = None
         if kind in ("sort", "sort-sq"):
             self.sort_loss = SOrTLoss(lambda_reasoning, lambda_sub, lambda_irrelevant, margin,
@@ -89,6 +95,13 @@ class Objective:
             return parts.total, {"loss": parts.total.detach(),
                                  **{f.name: getattr(parts, f.name).detach()
                                     for f in fields(parts) if f.name != "total"}}
+        if self.kind == "role-bce":
+            per_role = role_bce(out.scores, batch.targets, batch.offsets, batch.num_sub)
+            weighted = per_role * per_role.new_tensor(self.role_weights)
+            total = weighted.sum()
+            return total, {"loss": total.detach(), "bce_reasoning": per_role[0].detach(),
+                           "bce_sub": per_role[1].detach(),
+                           "bce_irrelevant": per_role[2].detach()}
         bce = F.binary_cross_entropy_with_logits(out.scores.float(), batch.targets,
                                                  reduction="none").sum(1).mean()
         if self.kind == "bce":
