@@ -185,6 +185,27 @@ def test_synthetic_has_a_language_shortcut(synth):
     assert np.mean([h for v in hits.values() for h in v]) > 0.6
 
 
+def test_balanced_design_has_no_wording_shortcut():
+    """The balanced design: every template's answers split evenly and the wording rule of the
+    Table 1 protocol stays near chance on every template (it is far above on v1)."""
+    from sort_fast.experiments.table1 import build_parser, wording_rule
+
+    train = SyntheticIntrospect(seed=0, split="train", design="balanced")
+    assert set(train.templates) == {"wash", "big_colour", "pair", "all_clean"}
+    for name in set(train.templates):
+        yes = [g.answers[0] == "yes" for g, t in zip(train, train.templates) if t == name]
+        assert abs(np.mean(yes) - 0.5) < 0.05, name
+    for design, bound in (("balanced", 0.6), ("v1", None)):
+        rule = wording_rule(build_parser().parse_args(
+            ["--synthetic-design", design, "--synthetic-test-groups", "1000"]))
+        if bound is None:
+            assert rule["wash"] > 0.8 and rule["all_clean"] > 0.8
+        else:
+            assert max(rule.values()) < bound, rule
+    with pytest.raises(ValueError, match="design must be one of"):
+        SyntheticIntrospect(design="v2")
+
+
 # --- collate --------------------------------------------------------------------------------
 
 def test_collate_round_trip(synth):

@@ -135,21 +135,56 @@ def test_shared_questions_match_per_row_values_and_gradients(data):
         torch.testing.assert_close(a, b, msg=name)
 
 
-def test_attention_matches_per_question_reference(data):
-    """The per-image factorised attention equals the naive per-question computation."""
+@pytest.mark.parametrize("glimpses", [1, 2, 3])
+def test_attention_matches_per_question_reference(data, glimpses):
+    """The per-image factorised attention equals the naive per-question computation, one
+    softmax over the regions per glimpse, the attended features concatenated."""
     ds, batch = data
-    model = _model(ds).eval()
+    model = _model(ds, image_glimpses=glimpses).eval()
     out = model(batch)
     feats = batch.image_features[batch.image_index]                       # [T, R, F]
     q = model.question_encoder(batch.question_tokens, batch.question_lengths)
     h = model.image_projection(feats) * model.question_projection(q)[:, None]
-    logits = model.attention_scorer(h).squeeze(-1)
-    logits = logits.masked_fill(~batch.image_mask[batch.image_index], float("-inf"))
+    logits = model.attention_scorer(h)                                    # [T, R, G]
+    logits = logits.masked_fill(~batch.image_mask[batch.image_index][:, :, None], float("-inf"))
     attention = logits.softmax(1)
-    torch.testing.assert_close(out.attention, attention)
-    attended = (attention[:, :, None] * feats).sum(1)
+    expected = attention[:, :, 0] if glimpses == 1 else attention.transpose(1, 2)
+    torch.testing.assert_close(out.attention, expected)
+    attended = torch.einsum("trg,trf->tgf", attention, feats).flatten(1)  # [T, G*F]
     joint = model.image_fusion(attended) * model.question_fusion(q)
     torch.testing.assert_close(out.joint, joint)
+
+
+def test_region_gradcam_sums_over_glimpses(data):
+    ds, batch = data
+    model = _model(ds, image_glimpses=2).eval()
+    out = model(batch)
+    y = out.scores.gather(1, batch.classes[:, None]).sum()
+    (grad,) = torch.autograd.grad(y, out.attention)
+    cam = model.region_gradcam(batch)
+    assert out.attention.shape[1] == 2 and cam.shape == out.attention[:, 0].shape
+    torch.testing.assert_close(cam, (grad * out.attention).sum(1).detach())
+
+
+def test_input_ablations_hide_one_input(data):
+    ds, batch = data
+    noisy = dataclasses.replace(batch, image_features=torch.randn_like(batch.image_features))
+    reworded = dataclasses.replace(
+        batch, question_tokens=batch.question_tokens.flip(0),
+        question_lengths=batch.question_lengths.flip(0), question_first=None,
+        question_inverse=None, distinct_lengths=None)
+    for ablation, changed in (("text-only", noisy), ("image-only", reworded)):
+        torch.manual_seed(0)
+        model = _model(ds, input_ablation=ablation).eval()
+        torch.testing.assert_close(model(changed).scores, model(batch).scores)
+    torch.manual_seed(0)
+    model = _model(ds).eval()  # without ablation both inputs matter
+    for changed in (noisy, reworded):
+        assert not torch.allclose(model(changed).scores, model(batch).scores)
+    with pytest.raises(ValueError, match="input_ablation"):
+        _model(ds, input_ablation="no-image")
+    with pytest.raises(ValueError, match="image_glimpses"):
+        _model(ds, image_glimpses=0)
 
 
 def test_output_invariant_to_batch_composition(data):

@@ -1,4 +1,6 @@
 """SOrTLoss (paper Eq. 3) against a plain-autograd reference, including second-order gradients."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -102,3 +104,30 @@ def test_sort_loss_bad_shapes():
         SOrTLoss()(scores, targets[:, :3], grad, h, offsets, num_sub)
     with pytest.raises(ValueError, match="rows but grad has"):
         SOrTLoss()(scores[:-1], targets[:-1], grad, h, offsets, num_sub)
+
+
+def test_role_bce_objective_is_sort_without_its_gradcam_term():
+    """``--loss role-bce`` (the Table 1 control) is SOrT's loss with the contrastive Grad-CAM
+    term removed: the same per-role BCE terms and weights."""
+    from sort_fast.data import SyntheticIntrospect, collate_groups
+    from sort_fast.models import PythiaConfig, PythiaVQA
+    from sort_fast.training import Objective
+
+    ds = SyntheticIntrospect(seed=0, split="val", num_groups=8)
+    batch = collate_groups(list(ds))
+    torch.manual_seed(0)
+    model = PythiaVQA(PythiaConfig(len(ds.vocab), ds.num_answers, embed_dim=8, text_hidden=8,
+                                   attention_hidden=8, joint_dim=16, classifier_text_hidden=8,
+                                   classifier_image_hidden=8)).double().eval()
+    batch = dataclasses.replace(batch, image_features=batch.image_features.double(),
+                                targets=batch.targets.double())
+    weights = dict(lambda_reasoning=0.5, lambda_sub=2.0, lambda_irrelevant=3.0, margin=0.0,
+                   lambda_attention=0.0, naive=False)
+    control, control_parts = Objective("role-bce", **weights)(model, batch)
+    sort, sort_parts = Objective("sort", **weights)(model, batch)
+    torch.testing.assert_close(control, sort - sort_parts["contrastive"])
+    for name in ("bce_reasoning", "bce_sub", "bce_irrelevant"):
+        torch.testing.assert_close(control_parts[name], sort_parts[name])
+    torch.testing.assert_close(control, 0.5 * control_parts["bce_reasoning"]
+                               + 2.0 * control_parts["bce_sub"]
+                               + 3.0 * control_parts["bce_irrelevant"])

@@ -60,6 +60,12 @@ def base(tmp_path_factory) -> Path:
     return out
 
 
+def test_no_plots_writes_the_report_without_images(tmp_path):
+    assert run(tmp_path, "--max-steps", "2", "--eval-every", "0", "--no-plots") == 0
+    assert (tmp_path / "metrics.json").exists() and (tmp_path / "table1.md").exists()
+    assert not list(tmp_path.glob("*.png"))
+
+
 def test_short_run_writes_every_output(base, capsys):
     for name in ("checkpoint.pt", "log.jsonl", "metrics.json", "table1.md", "train.log",
                  "quadrants.png", "similarity_hist.png", "examples.png"):
