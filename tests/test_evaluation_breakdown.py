@@ -26,7 +26,8 @@ LEGACY_KEYS = (
     "grounding_spearman", "grounding_questions", "grounding_source",
 )
 TEMPLATE_KEYS = {"groups", "reasoning_accuracy", "sub_accuracy", "consistency",
-                 "independent_consistency", "coupling", "yes_rate", "mode_share"}
+                 "independent_consistency", "coupling", "yes_rate", "mode_share",
+                 "mode_consistency", "coupling_over_mode"}
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,22 @@ def model(data) -> PythiaVQA:
     return PythiaVQA(PythiaConfig(len(data.vocab), data.num_answers, embed_dim=16, text_hidden=24,
                                   attention_hidden=20, joint_dim=32, classifier_text_hidden=12,
                                   classifier_image_hidden=20))
+
+
+def _plan_predictions(monkeypatch, predicted: np.ndarray) -> None:
+    """Makes ``evaluate`` predict class ``predicted[i]`` for packed row ``i`` (rows of all
+    batches in order)."""
+    real = evaluation.gradcam_gradient
+    position = [0]
+
+    def planned(model, out, classes, naive, create_graph):
+        scores, grad = real(model, out, classes, naive, create_graph=create_graph)
+        n, num_classes = classes.numel(), scores.shape[1]
+        pred = torch.as_tensor(predicted[position[0]:position[0] + n])
+        position[0] += n
+        return torch.nn.functional.one_hot(pred, num_classes).to(scores.dtype), grad
+
+    monkeypatch.setattr(evaluation, "gradcam_gradient", planned)
 
 
 def _plan_answers(monkeypatch, right: np.ndarray) -> None:
@@ -77,6 +94,15 @@ def _recount(groups: Sequence[Group], templates: Sequence[str], right: np.ndarra
         t["pairs"].extend((r, s) for s in subs)
         row += len(group.questions)
     out = {}
+    truth = collate_groups(list(groups)).classes.numpy()
+    row = 0
+    for group, name in zip(groups, templates):  # the mode answer's pairs, once modes are known
+        t = seen[name]
+        counts = Counter(t["answers"])
+        mode = max(counts, key=lambda a: (counts[a], -a))  # ties: the smaller class
+        subs = right[row + 1: row + 1 + group.num_sub]
+        t["mode_pairs"].extend((mode == truth[row], s) for s in subs)
+        row += len(group.questions)
     for name, t in seen.items():
         consistent = [s for r, s in t["pairs"] if r]
         consistency = sum(consistent) / len(consistent) if consistent else None
@@ -92,6 +118,11 @@ def _recount(groups: Sequence[Group], templates: Sequence[str], right: np.ndarra
             "mode_share": Counter(t["answers"]).most_common(1)[0][1] / len(t["answers"]),
             "right_pairs": len(consistent),
         }
+        mode_consistent = [s for r, s in t["mode_pairs"] if r]
+        mode = sum(mode_consistent) / len(mode_consistent) if mode_consistent else None
+        out[name]["mode_consistency"] = mode
+        out[name]["coupling_over_mode"] = (None if consistency is None or mode is None
+                                           else consistency - mode)
     return out
 
 
@@ -169,6 +200,26 @@ def test_coupling_is_positive_when_reasoning_and_sub_answers_agree(data, model, 
     assert metrics["consistency"] == 1.0
     assert metrics["coupling"] == pytest.approx(1.0 - metrics["independent_consistency"])
     assert metrics["coupling"] > 0.1
+    assert metrics["coupling_over_mode"] > 0.1  # the answers track the sub-questions, not a mode
+
+
+def test_answer_bias_alone_has_no_coupling_over_the_mode(data, model, monkeypatch):
+    # every reasoning question answered "yes", sub-questions right at random: the independence
+    # coupling can still be positive (a "yes" is right exactly when the facts hold), the
+    # coupling over the model's mode answer is 0
+    classes = collate_groups(list(data)).classes.numpy()
+    first_rows = np.cumsum([0] + [len(g.questions) for g in data])[:-1]
+    right = np.random.default_rng(3).random(classes.size) < 0.7
+    predicted = np.where(right, classes, (classes + 1) % data.num_answers)
+    predicted[first_rows] = data.answer_vocab.get("yes")
+    _plan_predictions(monkeypatch, predicted)
+    metrics = evaluate(model, data, batch_groups=5, device=CPU, answer_vocab=data.answer_vocab,
+                       templates=data.templates).metrics
+    assert metrics["coupling_over_mode"] == 0.0
+    assert metrics["mode_consistency"] == metrics["consistency"]
+    for name, t in metrics["per_template"].items():
+        assert t["yes_rate"] == t["mode_share"] == 1.0, name
+        assert t["coupling_over_mode"] in (0.0, None), name
 
 
 def test_coupling_is_undefined_without_a_right_reasoning_answer(data, model, monkeypatch):
@@ -274,7 +325,8 @@ def test_legacy_metrics_are_unchanged_by_templates(data, model):
         "question_kind_accuracy", "similarity_sub_std", "similarity_irrelevant_std",
         "similarity_group_range_mean", "wpr_over_range"}
     assert set(broken_down) - set(plain) == {"per_template", "independent_consistency",
-                                             "coupling"}
+                                             "coupling", "mode_consistency",
+                                             "coupling_over_mode"}
     for key, value in plain.items():
         assert broken_down[key] == value, key
     assert all(isinstance(plain[k], int) for k in ("groups", "misranked_groups", "pairs"))

@@ -129,11 +129,13 @@ def _similarity_spread(similarity: torch.Tensor, roles: np.ndarray, offsets: tor
 
 
 def _template_breakdown(templates: Sequence[str], roles: np.ndarray, correct: np.ndarray,
-                        predicted: np.ndarray, offsets: torch.Tensor, yes: Optional[int]
-                        ) -> Dict[str, Any]:
-    """``per_template``, ``independent_consistency`` and ``coupling`` (see :func:`evaluate`)
-    from the template name of every group, the row ``roles [T]``, ``correct [T]`` and
-    ``predicted [T]`` classes, the packed ``offsets [N+1]`` and the class of "yes" (or None)."""
+                        predicted: np.ndarray, truth: np.ndarray, offsets: torch.Tensor,
+                        yes: Optional[int]) -> Dict[str, Any]:
+    """``per_template``, ``independent_consistency``, ``coupling``, ``mode_consistency`` and
+    ``coupling_over_mode`` (see :func:`evaluate`) from the template name of every group, the row
+    ``roles [T]``, ``correct [T]``, ``predicted [T]`` and ground-truth ``truth [T]`` classes (-1
+    where no answer can be right), the packed ``offsets [N+1]`` and the class of "yes" (or
+    None)."""
     names, template = np.unique(np.asarray(templates, dtype=str), return_inverse=True)
     template = template.reshape(-1)
 
@@ -155,11 +157,19 @@ def _template_breakdown(templates: Sequence[str], roles: np.ndarray, correct: np
     reasoning_accuracy = per_template(template, reasoning_right) / groups
     yes_rate = None if yes is None else per_template(template, answer == yes) / groups
     width = int(answer.max()) + 1
-    answers = np.bincount(template * width + answer, minlength=names.size * width)
-    mode_share = answers.reshape(names.size, width).max(1) / groups
+    answers = np.bincount(template * width + answer, minlength=names.size * width).reshape(
+        names.size, width)
+    mode_share = answers.max(1) / groups
+    # the answer-bias baseline: every reasoning question of a template answered with the model's
+    # most frequent answer for it, the sub-question answers kept
+    mode_right = answers.argmax(1)[template] == truth[first]
+    pair_mode_r = mode_right[group[sub]]
+    mode_r_pairs = per_template(pair_template, pair_mode_r)
+    mode_rs_pairs = per_template(pair_template, pair_mode_r & pair_s)
     breakdown: Dict[str, Dict[str, Any]] = {}
     for t, name in enumerate(names.tolist()):
         consistency = float(rs_pairs[t] / r_pairs[t]) if r_pairs[t] else None
+        mode = float(mode_rs_pairs[t] / mode_r_pairs[t]) if mode_r_pairs[t] else None
         breakdown[name] = {
             "groups": int(groups[t]),
             "reasoning_accuracy": float(reasoning_accuracy[t]),
@@ -169,15 +179,23 @@ def _template_breakdown(templates: Sequence[str], roles: np.ndarray, correct: np
             "coupling": None if consistency is None else consistency - float(sub_accuracy[t]),
             "yes_rate": None if yes_rate is None else float(yes_rate[t]),
             "mode_share": float(mode_share[t]),
+            "mode_consistency": mode,
+            "coupling_over_mode": None if consistency is None or mode is None
+            else consistency - mode,
         }
     # globally: the per-template expectations under independence, weighted by each template's
     # share of the pairs with a right reasoning answer (the pairs consistency is taken over)
-    r_total = r_pairs.sum()
+    r_total, mode_total = r_pairs.sum(), mode_r_pairs.sum()
+    consistency = float(rs_pairs.sum() / r_total) if r_total else None
     expected = float((r_pairs / r_total) @ sub_accuracy) if r_total else None
+    mode = float(mode_rs_pairs.sum() / mode_total) if mode_total else None
     return {
         "per_template": breakdown,
         "independent_consistency": expected,
-        "coupling": None if expected is None else float(rs_pairs.sum() / r_total) - expected,
+        "coupling": None if expected is None else consistency - expected,
+        "mode_consistency": mode,
+        "coupling_over_mode": None if consistency is None or mode is None
+        else consistency - mode,
     }
 
 
@@ -218,7 +236,14 @@ def evaluate(model: PythiaVQA, groups: Sequence[Group], *, batch_groups: int,
       ``independent_consistency = sum_t (R-right pairs of t / all R-right pairs) *
       independent_consistency_t`` and ``coupling = consistency - independent_consistency``:
       consistency beyond what per-template sub-question accuracy predicts under independence
-      (both None when no pair has a right reasoning answer).
+      (both None when no pair has a right reasoning answer). Answer bias alone can make this
+      positive (a constant "yes" is right on a reasoning question exactly when the facts its
+      yes/no sub-questions ask about hold), so also ``mode_consistency``: the consistency of the
+      model's sub-question answers paired with every reasoning question of a template answered
+      with the model's most frequent answer for that template, and ``coupling_over_mode =
+      consistency - mode_consistency`` (globally and per template): 0 for a model whose
+      reasoning answers are its template's mode, positive where reasoning answers follow what
+      the model perceives beyond its answer bias.
     """
     if templates is not None and len(templates) != len(groups):
         raise ValueError(f"templates has {len(templates)} names for {len(groups)} groups")
@@ -231,6 +256,7 @@ def evaluate(model: PythiaVQA, groups: Sequence[Group], *, batch_groups: int,
     num_subs: List[torch.Tensor] = []
     corrects: List[torch.Tensor] = []
     preds: List[torch.Tensor] = []
+    truths: List[torch.Tensor] = []
     rhos: List[float] = []
     examples: List[Example] = []
     try:
@@ -256,6 +282,7 @@ def evaluate(model: PythiaVQA, groups: Sequence[Group], *, batch_groups: int,
             num_subs.append(batch.num_sub.cpu())
             corrects.append(correct.cpu())
             preds.append(pred.cpu())
+            truths.append(torch.where(batch.targets.amax(1) > 0, batch.classes, -1).cpu())
 
             cam = model.region_gradcam(batch, batch.classes).float().cpu().numpy()
             first = batch.offsets[:-1].cpu().numpy()
@@ -310,7 +337,8 @@ def evaluate(model: PythiaVQA, groups: Sequence[Group], *, batch_groups: int,
     metrics.update(_similarity_spread(similarity, role_np, offsets, num_sub, group_wpr))
     if templates is not None:
         metrics.update(_template_breakdown(
-            templates, role_np, correct_np, torch.cat(preds).numpy(), offsets,
+            templates, role_np, correct_np, torch.cat(preds).numpy(),
+            torch.cat(truths).numpy(), offsets,
             answer_vocab.get("yes") if answer_vocab is not None else None))
     return EvalResult(metrics, similarity.numpy(), role_all.numpy(), examples)
 
