@@ -579,7 +579,7 @@ def build_parser() -> OneLineParser:
         "models into the perception regime, fine-tunes every row from the same plain model "
         "over several seeds, tunes λ on the val split with seeds of its own, and reports the "
         "held-out test split with paired statistics and shortcut probes. The defaults take "
-        "about 45 minutes per world on a 2-core CPU; --synthetic-seed picks the world."))
+        "about 35 minutes per world on a 2-core CPU; --synthetic-seed picks the world."))
     p.add_argument("--out", default="runs/table1-balanced-world0",
                    help="directory of all runs (pretrain/, probe_*/, finetune/<row>/<λ>/seed<k>/, "
                         "table1.md); rerunning continues an interrupted invocation "
