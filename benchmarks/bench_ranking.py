@@ -5,8 +5,8 @@ Run (benchmark-only; nothing here is a plain test)::
     python -m pytest benchmarks/bench_ranking.py --benchmark-only \
         --benchmark-columns=min,median,mean,rounds -q
 
-``pytest --benchmark-only`` at the repository root runs 10k and 1M groups; 100k needs
-``--benchmark-full`` (see ``common.FULL_ONLY``). pandas and ranx are optional: their benchmarks
+``pytest --benchmark-only`` at the repository root runs 10k and 1M groups; 100k, and the
+sort-free pairwise numpy at 1M, need ``--benchmark-full`` (see ``common.FULL_ONLY``). pandas and ranx are optional: their benchmarks
 are skipped where they are not installed.
 
 Data: N groups (10k, 100k, 1M) of 5..13 candidates (mean 9, layout ``ragged``), and at 1M also
@@ -462,9 +462,12 @@ def test_numpy(benchmark, num_groups, layout):
     _numpy_bench(benchmark, "numpy", numpy_ranking_metrics, num_groups, layout)
 
 
-@pytest.mark.parametrize("num_groups,layout", CASES, ids=CASE_IDS)
-def test_numpy_pairwise(benchmark, num_groups, layout):
-    _numpy_bench(benchmark, "numpy_pairwise", numpy_pairwise_ranking_metrics, num_groups, layout)
+# its own parameter name, so that common.FULL_ONLY keeps its 1M runs (about 50 s) out of the
+# quick sizes
+@pytest.mark.parametrize("pairwise_groups,layout", CASES, ids=CASE_IDS)
+def test_numpy_pairwise(benchmark, pairwise_groups, layout):
+    _numpy_bench(benchmark, "numpy_pairwise", numpy_pairwise_ranking_metrics, pairwise_groups,
+                 layout)
 
 
 @pytest.mark.parametrize("num_groups,layout", CASES, ids=CASE_IDS)

@@ -60,7 +60,7 @@ FULL_ONLY: Dict[str, Dict[str, Tuple[object, ...]]] = {
     "bench_loss.py": {"size": ("pythia_x8",)},
     "bench_gradcam.py": {"head_name": ("pythia",)},
     "bench_step.py": {"size": ("pythia",)},
-    "bench_ranking.py": {"num_groups": (100_000,)},
+    "bench_ranking.py": {"num_groups": (100_000,), "pairwise_groups": (100_000, 1_000_000)},
     "bench_loader.py": {"mode": ("train",)},
 }
 
