@@ -42,37 +42,32 @@ def model(data) -> PythiaVQA:
                                   classifier_image_hidden=20))
 
 
-def _plan_predictions(monkeypatch, predicted: np.ndarray) -> None:
-    """Makes ``evaluate`` predict class ``predicted[i]`` for packed row ``i`` (rows of all
-    batches in order)."""
+def _plan(monkeypatch, predict) -> None:
+    """Makes ``evaluate`` predict ``predict(classes, rows, num_classes)`` for each batch, where
+    ``rows`` is the slice of the batch's packed rows among all batches' rows in order."""
     real = evaluation.gradcam_gradient
     position = [0]
 
     def planned(model, out, classes, naive, create_graph):
         scores, grad = real(model, out, classes, naive, create_graph=create_graph)
         n, num_classes = classes.numel(), scores.shape[1]
-        pred = torch.as_tensor(predicted[position[0]:position[0] + n])
+        pred = predict(classes, slice(position[0], position[0] + n), num_classes)
         position[0] += n
         return torch.nn.functional.one_hot(pred, num_classes).to(scores.dtype), grad
 
     monkeypatch.setattr(evaluation, "gradcam_gradient", planned)
+
+
+def _plan_predictions(monkeypatch, predicted: np.ndarray) -> None:
+    """Makes ``evaluate`` predict class ``predicted[i]`` for packed row ``i``."""
+    _plan(monkeypatch, lambda classes, rows, num_classes: torch.as_tensor(predicted[rows]))
 
 
 def _plan_answers(monkeypatch, right: np.ndarray) -> None:
-    """Makes ``evaluate`` predict the ground-truth class of packed row ``i`` (rows of all
-    batches in order) iff ``right[i]``, otherwise the next class."""
-    real = evaluation.gradcam_gradient
-    position = [0]
-
-    def planned(model, out, classes, naive, create_graph):
-        scores, grad = real(model, out, classes, naive, create_graph=create_graph)
-        n, num_classes = classes.numel(), scores.shape[1]
-        wanted = torch.as_tensor(right[position[0]:position[0] + n])
-        position[0] += n
-        pred = torch.where(wanted, classes, (classes + 1) % num_classes)
-        return torch.nn.functional.one_hot(pred, num_classes).to(scores.dtype), grad
-
-    monkeypatch.setattr(evaluation, "gradcam_gradient", planned)
+    """Makes ``evaluate`` predict the ground-truth class of packed row ``i`` iff ``right[i]``,
+    otherwise the next class."""
+    _plan(monkeypatch, lambda classes, rows, num_classes: torch.where(
+        torch.as_tensor(right[rows]), classes, (classes + 1) % num_classes))
 
 
 def _planned_predictions(groups: Sequence[Group], right: np.ndarray) -> np.ndarray:

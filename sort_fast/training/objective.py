@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data import PackedBatch
-from ..layout import ROLE_SUB, group_ids, row_roles
+from ..layout import ROLE_IRRELEVANT, ROLE_REASONING, ROLE_SUB, group_ids, row_roles
 from ..losses import SOrTLoss, role_bce
 from ..models import PythiaOutput, PythiaVQA
 from ..ops.head_gradcam import head_gradcam
@@ -99,9 +99,10 @@ class Objective:
             per_role = role_bce(out.scores, batch.targets, batch.offsets, batch.num_sub)
             weighted = per_role * per_role.new_tensor(self.role_weights)
             total = weighted.sum()
-            return total, {"loss": total.detach(), "bce_reasoning": per_role[0].detach(),
-                           "bce_sub": per_role[1].detach(),
-                           "bce_irrelevant": per_role[2].detach()}
+            return total, {"loss": total.detach(),
+                           "bce_reasoning": per_role[ROLE_REASONING].detach(),
+                           "bce_sub": per_role[ROLE_SUB].detach(),
+                           "bce_irrelevant": per_role[ROLE_IRRELEVANT].detach()}
         bce = F.binary_cross_entropy_with_logits(out.scores.float(), batch.targets,
                                                  reduction="none").sum(1).mean()
         if self.kind == "bce":
