@@ -32,9 +32,9 @@ from typing import Callable, Dict, Tuple
 import pytest
 import torch
 import torch.nn.functional as F
-
 from bench_loss import vectorized_hinge
 from common import peak_memory_bytes, synchronize
+
 from sort_fast.heads import mlp_head, pythia_classifier
 from sort_fast.ops.head_gradcam import head_gradcam
 
@@ -66,7 +66,8 @@ def gradcam_gather(head, h, classes):
     return scores, g * h
 
 
-PATHS = {"closed": gradcam_closed, "autograd_onehot": gradcam_onehot, "autograd_gather": gradcam_gather}
+PATHS = {"closed": gradcam_closed, "autograd_onehot": gradcam_onehot,
+         "autograd_gather": gradcam_gather}
 
 
 def sort_loss(scores: torch.Tensor, G: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -153,7 +154,8 @@ def test_backward(benchmark, path, head_name, device):
         synchronize()
 
     checked(path, head_name, device)
-    benchmark.pedantic(run, setup=make_loss, rounds=ROUNDS[head_name], iterations=1, warmup_rounds=1)
+    benchmark.pedantic(run, setup=make_loss, rounds=ROUNDS[head_name], iterations=1,
+                       warmup_rounds=1)
 
 
 @devices

@@ -1,5 +1,5 @@
-"""Contrastive gradient loss: the fused op against the naive paths (the
-authors' per-triple loop, plain vectorised autograd, and ``torch.compile`` of it).
+"""Contrastive gradient loss: the fused op against the naive paths (a per-triple Python loop,
+plain vectorised autograd, and ``torch.compile`` of it).
 
 Run::
 
@@ -15,7 +15,8 @@ Inputs: ``grad`` and ``act`` ``[T, D]`` float32 leaves at Pythia width (D = 5000
 * ``vectorized``: packed layout, ``F.cosine_similarity`` and a dense padded pairwise hinge in
   plain PyTorch, autograd backward.
 * ``compiled``: ``torch.compile`` of ``vectorized``.
-* ``loop``: the authors' way, one ``(R, S, I)`` triple at a time in a Python loop.
+* ``loop``: :func:`triple_loop_loss`, sort_fast's loss (the mean over a group's pairs, then over
+  groups) computed one ``(R, S, I)`` triple at a time in a Python loop.
 
 Groups ``loss-{forward,backward,full}-{size}`` time the forward (building the graph), the
 backward alone (forward done in untimed setup) and both. Every path's loss and gradients are
@@ -68,8 +69,10 @@ def vectorized_hinge(G, offsets, num_sub, eps=1e-8):
     return per_group[num_irr > 0].mean()
 
 
-def loop_loss(grad, act, offsets, num_sub):
-    """The authors' training loss: a Python loop over (reasoning, sub, irrelevant) triples."""
+def triple_loop_loss(grad, act, offsets, num_sub):
+    """sort_fast's contrastive gradient loss (docs/math.md) from a Python loop over the
+    (reasoning, sub, irrelevant) triples of ``grad``, ``act`` ``[T, D]``: one hinge per triple,
+    the mean over a group's pairs, then over the groups that have a pair."""
     G = grad * act
     losses = []
     for g in range(num_sub.numel()):
@@ -97,7 +100,7 @@ PATHS: Dict[str, Callable] = {
     "fused": fused_loss,
     "vectorized": vectorized_loss,
     "compiled": lambda *a: compiled_loss()(*a),
-    "loop": loop_loss,
+    "loop": triple_loop_loss,
 }
 
 

@@ -6,18 +6,20 @@ Run (benchmark-only; nothing here is a plain test)::
         --benchmark-columns=min,median,mean,rounds -q
 
 ``pytest --benchmark-only`` at the repository root runs 10k and 1M groups; 100k, and the
-sort-free pairwise numpy at 1M, need ``--benchmark-full`` (see ``common.FULL_ONLY``). pandas and ranx are optional: their benchmarks
-are skipped where they are not installed.
+sort-free pairwise numpy at 1M, need ``--benchmark-full`` (see ``common.FULL_ONLY``). pandas and
+ranx are optional: their benchmarks are skipped where they are not installed.
 
 Data: N groups (10k, 100k, 1M) of 5..13 candidates (mean 9, layout ``ragged``), and at 1M also
 groups of exactly 9 (layout ``fixed9``); about 1/3 relevant, every group with at least one
-relevant candidate, float32 scores uniform in [-1, 1], fixed seed. Data and each competitor's
-input conversion are built once per module (cached) and are not timed.
+relevant candidate, float32 scores uniform in [-1, 1], fixed seed. The extension is also timed
+on the same scores as float64 (numpy's default dtype; ``dtype`` parameter), where it must return
+exactly the float32 values. Data and each competitor's input conversion are built once per module
+(cached) and are not timed.
 
 Competitors, one pytest-benchmark group per size and layout (``ranking-<N>-<layout>``):
 
 * ``extension`` / ``extension_1thread``: ``sort_fast.metrics.ranking_metrics`` with all cores
-  and with ``num_threads=1``.
+  and with ``num_threads=1``, float32 and float64 scores.
 * ``numpy``: :func:`numpy_ranking_metrics` below, fully vectorised (one sort of a packed
   uint64 key, cumsum / reduceat for every metric, no Python loop over groups). The fastest numpy
   for all six metrics that we found.
@@ -28,8 +30,9 @@ Competitors, one pytest-benchmark group per size and layout (``ranking-<N>-<layo
 * ``numpy_mp1_mrr``: MP@1 and MRR only, sort-free (per-group maxima with ``reduceat``): the
   fastest numpy we found for those two metrics. It computes two of the six metrics, so it is a
   reference point, not a like-for-like competitor.
-* ``pandas``: the original authors' approach (one DataFrame row per candidate, ``sort_values``,
-  ``groupby`` and a Python loop over groups); 10k groups only.
+* ``pandas``: :func:`pandas_groupby_ranking_metrics`, sort_fast's definitions (docs/metrics.md,
+  the default ``convention="paper"``) the way a pandas notebook computes them: one DataFrame row
+  per candidate, ``sort_values``, ``groupby`` and a Python loop over groups; 10k groups only.
 * ``ranx`` / ``ranx_nosave``: ``ranx.evaluate(qrels, run, ["precision@1", "mrr", "map"])``
   (default: also stores per-query scores in the Run, a Python loop) and the same with
   ``save_results_in_run=False``. Building ``Qrels``/``Run`` is done in setup and NOT timed (it
@@ -76,9 +79,11 @@ def _report(msg: str) -> None:
 
 # ----------------------------------------------------------------------------- data
 @functools.lru_cache(maxsize=None)
-def make_groups(num_groups: int, layout: str = "ragged", seed: int = SEED):
-    """``(scores float32 [C], relevant bool [C], offsets int64 [N+1])``, deterministic; groups
-    of 5..13 candidates (``ragged``) or of exactly 9 (``fixed9``)."""
+def make_groups(num_groups: int, layout: str = "ragged", seed: int = SEED,
+                dtype: str = "float32"):
+    """``(scores [C], relevant bool [C], offsets int64 [N+1])``, deterministic; groups of 5..13
+    candidates (``ragged``) or of exactly 9 (``fixed9``); float32 scores, or the same values as
+    ``dtype``."""
     rng = np.random.default_rng(seed + num_groups)
     sizes = rng.integers(5, 14, num_groups) if layout == "ragged" else np.full(num_groups, 9)
     offsets = np.zeros(num_groups + 1, np.int64)
@@ -88,7 +93,7 @@ def make_groups(num_groups: int, layout: str = "ragged", seed: int = SEED):
     relevant = rng.random(total) < 1.0 / 3.0
     empty = np.flatnonzero(~np.logical_or.reduceat(relevant, offsets[:-1]))
     relevant[offsets[empty] + rng.integers(0, sizes[empty])] = True
-    return scores, relevant, offsets
+    return scores.astype(dtype, copy=False), relevant, offsets
 
 
 @functools.lru_cache(maxsize=None)
@@ -285,8 +290,10 @@ def make_dataframe(num_groups: int):
     return pd.DataFrame({"group": group, "score": scores.astype(np.float64), "relevant": relevant})
 
 
-def pandas_ranking_metrics(df):
-    """The authors' style: sort the candidate table, loop over groups in Python."""
+def pandas_groupby_ranking_metrics(df):
+    """sort_fast's six ranking metrics (docs/metrics.md, ``convention="paper"``: ties
+    pessimistic, mean gap per group, AP) from a sorted candidate table and a Python loop over
+    its groups."""
     ranked = df.sort_values(["group", "score", "relevant"], ascending=[True, False, True],
                             kind="stable")
     p1, correct, rrs, wprs, aps, misranked = [], [], [], [], [], []
@@ -423,23 +430,29 @@ def _pedantic_rounds(num_groups: int) -> int:
     return 5 if num_groups >= 1_000_000 else 10
 
 
-def _case(benchmark, num_groups, layout):
+def _case(benchmark, num_groups, layout, dtype="float32"):
     benchmark.group = f"ranking-{num_groups}-{layout}"
-    return make_groups(num_groups, layout), extension_reference(num_groups, layout)
+    return make_groups(num_groups, layout, dtype=dtype), extension_reference(num_groups, layout)
 
 
+DTYPES = ["float32", "float64"]
+
+
+# float64 scores hold the float32 values: the results must be the float32 ones, exactly
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_groups,layout", CASES, ids=CASE_IDS)
-def test_extension(benchmark, num_groups, layout):
-    data, want = _case(benchmark, num_groups, layout)
+def test_extension(benchmark, num_groups, layout, dtype):
+    data, want = _case(benchmark, num_groups, layout, dtype)
     got = benchmark(ranking_metrics, *data)
     assert got == {k: v for k, v in want.items() if k != "per_group"}
     benchmark.extra_info["threads"] = os.cpu_count()
-    _record_memory(benchmark, "extension", num_groups, ranking_metrics, *data)
+    _record_memory(benchmark, f"extension {dtype}", num_groups, ranking_metrics, *data)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_groups,layout", CASES, ids=CASE_IDS)
-def test_extension_1thread(benchmark, num_groups, layout):
-    data, want = _case(benchmark, num_groups, layout)
+def test_extension_1thread(benchmark, num_groups, layout, dtype):
+    data, want = _case(benchmark, num_groups, layout, dtype)
     got = benchmark(ranking_metrics, *data, num_threads=1)
     assert got == {k: v for k, v in want.items() if k != "per_group"}  # thread-count invariant
     benchmark.extra_info["threads"] = 1
@@ -481,11 +494,11 @@ def test_pandas(benchmark, num_groups):
     benchmark.group = f"ranking-{num_groups}-ragged"
     df = make_dataframe(num_groups)
     want = extension_reference(num_groups)
-    got = pandas_ranking_metrics(df)
+    got = pandas_groupby_ranking_metrics(df)
     for key in METRICS:
         assert got[key] == pytest.approx(want[key], rel=0, abs=1e-9), key
     assert got["misranked_groups"] == want["misranked_groups"]
-    benchmark.pedantic(pandas_ranking_metrics, args=(df,), rounds=3, iterations=1)
+    benchmark.pedantic(pandas_groupby_ranking_metrics, args=(df,), rounds=3, iterations=1)
 
 
 def _ranx_bench(benchmark, num_groups, save):

@@ -1,7 +1,9 @@
-"""Shared pieces of the benchmark suites: synthetic packed batches, peak-memory measurement and
-the quick/full size table."""
+"""Shared pieces of the benchmark suites: synthetic packed batches, peak-memory measurement, the
+quick/full/smoke size tables and the one-line-per-measurement result files."""
 from __future__ import annotations
 
+import json
+import os
 from typing import Callable, Dict, Mapping, Tuple
 
 import torch
@@ -69,3 +71,23 @@ def full_only(suite: str, params: Mapping[str, object]) -> bool:
     """True if the case of ``suite`` (a file name) with parametrization ``params`` belongs to
     the full sizes only."""
     return any(params.get(name) in values for name, values in FULL_ONLY.get(suite, {}).items())
+
+
+# Smoke sizes (``SORT_BENCH_SMOKE=1``, set by ``gpu.sh --dry-run``): module attributes that
+# benchmarks/conftest.py overrides per suite, and the most rounds any benchmark runs. They check
+# that a suite still runs on the CPU in seconds; the numbers they give mean nothing.
+SMOKE_ENV = "SORT_BENCH_SMOKE"
+SMOKE_SIZES: Dict[str, Dict[str, object]] = {"bench_step.py": {"NUM_GROUPS": 2}}
+SMOKE_ROUNDS = 1
+
+
+def smoke() -> bool:
+    """Whether the benchmarks run at the smoke sizes."""
+    return os.environ.get(SMOKE_ENV) == "1"
+
+
+def append_jsonl(path: str, record: Mapping[str, object]) -> None:
+    """Appends ``record`` as one JSON line to ``path`` and closes the file: a run cut short by a
+    time limit keeps every measurement it finished."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")

@@ -15,14 +15,18 @@ from typing import Dict, List
 
 
 def tables(data: dict, reference: str) -> str:
+    machine = data.get("machine_info", {})
+    return (f"Machine: {machine.get('cpu', {}).get('brand_raw', '?')}, "
+            f"{machine.get('cpu', {}).get('count', '?')} cores; "
+            f"{data.get('datetime', '')}\n\n" + group_tables(data["benchmarks"], reference))
+
+
+def group_tables(benchmarks: List[dict], reference: str) -> str:
+    """One table per group of ``benchmarks`` (entries of a ``--benchmark-json`` file)."""
     groups: Dict[str, List[dict]] = defaultdict(list)
-    for bench in data["benchmarks"]:
+    for bench in benchmarks:
         groups[bench["group"] or "ungrouped"].append(bench)
     lines = []
-    machine = data.get("machine_info", {})
-    lines.append(f"Machine: {machine.get('cpu', {}).get('brand_raw', '?')}, "
-                 f"{machine.get('cpu', {}).get('count', '?')} cores; "
-                 f"{data.get('datetime', '')}\n")
     for name in sorted(groups):
         rows = sorted(groups[name], key=lambda b: b["stats"]["median"])
         ref = next((b for b in rows if reference in b["name"]), None)
@@ -30,7 +34,7 @@ def tables(data: dict, reference: str) -> str:
         extra_keys = sorted({k for b in rows for k in b.get("extra_info", {})})
         lines.append(f"### {name}\n")
         header = ["benchmark", "median ms", "min ms",
-                  "median / " + ref["name"].split("[")[-1].rstrip("]"), *extra_keys]
+                  "median / " + ref["name"], *extra_keys]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|---" + "|---:" * (len(header) - 1) + "|")
         for b in rows:

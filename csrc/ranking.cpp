@@ -4,9 +4,11 @@
 // input order. Groups of up to kSmallGroup candidates count each candidate's rank over all pairs,
 // kLanes groups of equal size at a time in a structure-of-arrays layout (branch-free, SIMD over
 // groups, AVX2 where the CPU has it); larger groups are sorted into per-thread scratch space and
-// read in one pass. Groups are processed in fixed-size blocks pulled by worker threads with the
-// GIL released; block sums are added in block order, so results do not depend on the thread
-// count.
+// read in one pass. The authors' conventions (docs/metrics.md) sort every group, ties in input
+// order. Groups are processed in fixed-size blocks pulled by worker threads with the GIL
+// released; block sums are added in block order, so results do not depend on the thread count.
+// An exception in any thread (out of memory) reaches Python once all threads have finished; a
+// thread that cannot be started leaves its share to the others.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -15,7 +17,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <limits>
+#include <mutex>
+#include <new>
 #include <string>
 #include <thread>
 #include <type_traits>
@@ -48,6 +53,15 @@ inline bool ranks_before(const Candidate& a, const Candidate& b) {
   return a.index < b.index;
 }
 
+// The authors' order (docs/metrics.md): ties in input order.
+inline bool ranks_before_in_input_order(const Candidate& a, const Candidate& b) {
+  if (a.score != b.score) return a.score > b.score;
+  return a.index < b.index;
+}
+
+// Which definitions of docs/metrics.md: the paper's text (default) or the authors' code.
+enum class Convention : int { kPaper = 0, kAuthors = 1 };
+
 struct GroupMetrics {
   uint8_t top_relevant = 0;     // MP@1 term
   uint8_t ranked_correctly = 0; // ranking-accuracy term
@@ -70,19 +84,32 @@ struct Sums {
   }
 };
 
-// Per-thread buffers of the sorting path, sized once to the largest group: no allocation per
-// group.
+// The vector v emptied and refilled with exactly n value-initialised elements (resizing an
+// empty vector does not round the capacity up); the old buffer is freed first.
+template <typename T>
+void reallocate(std::vector<T>& v, int64_t n) {
+  std::vector<T>().swap(v);
+  v.resize(static_cast<size_t>(n));
+}
+
+// Per-thread buffers of the sorting path, grown to the largest group that this thread sorts (a
+// thread that sorts none allocates none of them): no allocation per group.
 struct Scratch {
   std::vector<Candidate> candidates;
   std::vector<double> ranked_scores, parallel;
   std::vector<uint8_t> ranked_relevant;
   std::vector<int64_t> order;  // a block's small groups, by size
-  explicit Scratch(int64_t max_group)
-      : candidates(max_group),
-        ranked_scores(max_group),
-        parallel(max_group),
-        ranked_relevant(max_group),
-        order(kBlockGroups) {}
+  static constexpr int64_t kBytesPerCandidate =
+      sizeof(Candidate) + 2 * sizeof(double) + sizeof(uint8_t);
+  Scratch() : order(kBlockGroups) {}
+  // Room for a group of n candidates.
+  void fit(int64_t n) {
+    if (static_cast<int64_t>(candidates.size()) >= n) return;
+    reallocate(candidates, n);
+    reallocate(ranked_scores, n);
+    reallocate(parallel, n);
+    reallocate(ranked_relevant, n);
+  }
 };
 
 // A group's error from what the scan of its candidates found.
@@ -112,9 +139,12 @@ GroupError load_group(const Score* score, const uint8_t* relevant, int64_t n, St
 }
 
 // Every metric from the group in rank order (scores and relevance by position), branch-free (the
-// relevance pattern is data and would defeat branch prediction); `parallel` has room for n.
+// relevance pattern is data and would defeat branch prediction); `parallel` has room for n. The
+// authors' convention sums WPR's gaps instead of averaging them, and takes 1 / rank in place of
+// precision at each relevant position (docs/metrics.md).
 void metrics_from_ranking(const double* ranked_score, const uint8_t* ranked_relevant, int64_t n,
-                          int64_t num_relevant, double* parallel, GroupMetrics& out) {
+                          int64_t num_relevant, double* parallel, Convention convention,
+                          GroupMetrics& out) {
   // The parallel list of WPR (docs/metrics.md): relevant first, each part in ranked order.
   int64_t nr = 0, ni = num_relevant;
   for (int64_t p = 0; p < n; ++p) {
@@ -124,15 +154,17 @@ void metrics_from_ranking(const double* ranked_score, const uint8_t* ranked_rele
     ni += !r;
   }
 
+  const bool authors = convention == Convention::kAuthors;
   int64_t hits = 0, mismatches = 0, first_hit = n;
   double precision_sum = 0.0, wpr_sum = 0.0;
   for (int64_t p = 0; p < n; ++p) {
     const bool r = ranked_relevant[p];
     first_hit = (r && hits == 0) ? p : first_hit;
     hits += r;
-    // Selections as integer factors, not branches: precision at a relevant position, score gap
-    // at a mis-ranked one.
-    precision_sum += static_cast<double>(r ? hits : 0) / static_cast<double>(p + 1);
+    // Selections as integer factors, not branches: precision (the authors: 1) over the rank at a
+    // relevant position, score gap at a mis-ranked one.
+    const int64_t numerator = r ? (authors ? 1 : hits) : 0;
+    precision_sum += static_cast<double>(numerator) / static_cast<double>(p + 1);
     const bool mismatch = r != (p < num_relevant);
     wpr_sum += static_cast<double>(mismatch) * std::fabs(ranked_score[p] - parallel[p]);
     mismatches += mismatch;
@@ -141,7 +173,7 @@ void metrics_from_ranking(const double* ranked_score, const uint8_t* ranked_rele
   out.reciprocal_rank = 1.0 / static_cast<double>(first_hit + 1);
   out.ranked_correctly = mismatches == 0;
   out.misranked = mismatches > 0;
-  out.wpr = mismatches > 0 ? wpr_sum / static_cast<double>(mismatches) : 0.0;
+  out.wpr = (mismatches > 0 && !authors) ? wpr_sum / static_cast<double>(mismatches) : wpr_sum;
   out.average_precision = precision_sum / static_cast<double>(num_relevant);
 }
 
@@ -215,6 +247,86 @@ template <typename V, typename T, size_t... L>
   return V{static_cast<std::remove_reference_t<decltype(V{}[0])>>(values[at[L]])...};
 }
 
+// Eight 32-bit lanes (one AVX register): counts, ranks and masks of the small-group path, for
+// either score type.
+using Key = int32_t;
+using KeyV = Lanes<Key>;
+
+// Row j of kLanes scores (one per lane) as ranking keys and as the 32-bit words of their values,
+// for the small-group path; `above` and `equal` are lane masks (-1 true, 0 false) comparing two
+// rows' scores.
+template <typename Score>
+struct ScoreRows;
+
+// float scores compare as they are, one word each.
+template <>
+struct ScoreRows<float> {
+  static constexpr int kWords = 1;
+  Lanes<float> key[kSmallGroup];
+  KeyV word[kWords][kSmallGroup];
+  // Reads row j from score[at[l]]; adds NaN and non-finite flags of the in_group lanes.
+  [[gnu::always_inline]] void load(int j, const float* score, const int64_t* at, KeyV in_group,
+                                   KeyV& nan, KeyV& non_finite) {
+    const Lanes<float> v =
+        load_lanes<Lanes<float>>(score, at, std::make_index_sequence<kLanes>{});
+    key[j] = v;
+    word[0][j] = bit_cast<KeyV>(v);
+    nan |= in_group & (v != v);
+    non_finite |= in_group & ((v - v) != (v - v));  // v - v: 0, or NaN
+  }
+  [[gnu::always_inline]] KeyV above(int i, int j) const { return key[i] > key[j]; }
+  [[gnu::always_inline]] KeyV equal(int i, int j) const { return key[i] == key[j]; }
+};
+
+// double scores compare as an order-preserving 64-bit integer key in two 32-bit halves (signed
+// high half, then low half), so that every operation stays in eight 32-bit lanes: the same
+// comparisons as on the doubles, exactly. Their values are kept as two words (low, high).
+template <>
+struct ScoreRows<double> {
+  static constexpr int kWords = 2;
+  KeyV high[kSmallGroup], low[kSmallGroup];
+  KeyV word[kWords][kSmallGroup];
+  [[gnu::always_inline]] void load(int j, const double* score, const int64_t* at, KeyV in_group,
+                                   KeyV& nan, KeyV& non_finite) {
+    uint64_t bits[kLanes];
+    for (int l = 0; l < kLanes; ++l) std::memcpy(&bits[l], score + at[l], sizeof(double));
+    KeyV lo, hi;
+    for (int l = 0; l < kLanes; ++l) {
+      lo[l] = static_cast<Key>(static_cast<uint32_t>(bits[l]));
+      hi[l] = static_cast<Key>(static_cast<uint32_t>(bits[l] >> 32));
+    }
+    word[0][j] = lo;
+    word[1][j] = hi;
+    constexpr Key kExponent = 0x7FF00000, kMagnitude = 0x7FFFFFFF;
+    const KeyV exponent_all_ones = (hi & kExponent) == kExponent;
+    nan |= in_group & exponent_all_ones & (((hi & 0x000FFFFF) | lo) != 0);
+    non_finite |= in_group & exponent_all_ones;
+    // -0.0 ties with +0.0: zeros lose their sign. Then negative values get their magnitude bits
+    // flipped, so that signed integer order is the order of the values; the low half is
+    // compared unsigned, as signed after flipping its top bit.
+    const KeyV h = hi & ~(((hi & kMagnitude) | lo) == 0);
+    const KeyV negative = h >> 31;
+    high[j] = h ^ (negative & kMagnitude);
+    low[j] = lo ^ negative ^ std::numeric_limits<Key>::min();
+  }
+  [[gnu::always_inline]] KeyV above(int i, int j) const {
+    return (high[i] > high[j]) | ((high[i] == high[j]) & (low[i] > low[j]));
+  }
+  [[gnu::always_inline]] KeyV equal(int i, int j) const {
+    return (high[i] == high[j]) & (low[i] == low[j]);
+  }
+};
+
+// The kLanes values held as ScoreRows words, as doubles.
+[[gnu::always_inline]] inline Doubles values_of(const KeyV (&word)[1]) {
+  return as_doubles(bit_cast<Lanes<float>>(word[0]));
+}
+[[gnu::always_inline]] inline Doubles values_of(const KeyV (&word)[2]) {
+  return {{bit_cast<Double4>(__builtin_shufflevector(word[0], word[1], 0, 8, 1, 9, 2, 10, 3, 11)),
+           bit_cast<Double4>(
+               __builtin_shufflevector(word[0], word[1], 4, 12, 5, 13, 6, 14, 7, 15))}};
+}
+
 // Lane l holds the group of count[l] candidates from begin[l]; lanes >= num_lanes hold none.
 template <typename Score>
 [[gnu::always_inline]] inline void evaluate_small_lanes(const Score* score,
@@ -223,10 +335,6 @@ template <typename Score>
                                                        int num_lanes, GroupMetrics* out,
                                                        GroupError* error) {
   constexpr int kW = kSmallGroup;
-  // Same width as Score, so that a score comparison yields a mask of Key lanes.
-  using Key = std::conditional_t<sizeof(Score) == 4, int32_t, int64_t>;
-  using ScoreV = Lanes<Score>;
-  using KeyV = Lanes<Key>;
   constexpr int kRelevantShift = 8;
 
   KeyV size{};
@@ -240,23 +348,19 @@ template <typename Score>
   Key rows = 0;
   for (int l = 0; l < kLanes; ++l) rows = std::max(rows, size[l]);
   // Each candidate is read once into owned storage (the caller may write meanwhile), lanes
-  // assembled in registers. Padding gets score -inf, so it precedes no candidate (an input -inf
-  // is an error), and weight 0.
-  constexpr Score kPadding = -std::numeric_limits<Score>::infinity();
-  ScoreV s[kW];
+  // assembled in registers. Padding (rows beyond a lane's group) repeats the group's last
+  // candidate with weight 0: it precedes no candidate and is masked out of every result.
+  ScoreRows<Score> s;
   KeyV rel[kW], weight[kW];
   KeyV nan{}, non_finite{}, num_relevant{};
   for (Key j = 0; j < rows; ++j) {
     int64_t at[kLanes];  // clamped into the group
     for (int l = 0; l < kLanes; ++l) at[l] = first[l] + std::min<int64_t>(j, last[l]);
-    const ScoreV v = load_lanes<ScoreV>(score, at, std::make_index_sequence<kLanes>{});
     const KeyV in_group = (KeyV{} + j) < size;
+    s.load(j, score, at, in_group, nan, non_finite);
     rel[j] = (load_lanes<KeyV>(relevant, at, std::make_index_sequence<kLanes>{}) != 0) &
              in_group & 1;
-    s[j] = in_group ? v : ScoreV{} + kPadding;
     weight[j] = in_group & (1 + (rel[j] << kRelevantShift));
-    nan |= in_group & (v != v);
-    non_finite |= in_group & ((v - v) != (v - v));  // v - v: 0, or NaN
     num_relevant += rel[j];
   }
 
@@ -279,7 +383,7 @@ template <typename Score>
   for (Key j = 0; j < rows; ++j) {
     KeyV counts_j{};  // a register: a sum through memory would wait on its own stores
     for (Key i = 0; i < j; ++i) {
-      const KeyV i_first = (s[i] > s[j]) | ((s[i] == s[j]) & ~(rel[i] > rel[j]));
+      const KeyV i_first = s.above(i, j) | (s.equal(i, j) & ~(rel[i] > rel[j]));
       counts_j += i_first & weight[i];
       counts[i] += ~i_first & weight[j];
     }
@@ -306,14 +410,19 @@ template <typename Score>
   // The parallel list's entry at each candidate's rank, found by matching positions (exactly
   // one candidate of the group holds each position); each gap is taken on its own, so that
   // scores of very different magnitudes cannot cancel.
+  constexpr int kWords = ScoreRows<Score>::kWords;
   Doubles wpr_sum{};
   for (Key j = 0; j < rows; ++j) {
     // A bitwise or of the one match and zeros: one-cycle integer ops, where a float sum would
     // chain additions.
-    KeyV at_rank_bits{};
-    for (Key k = 0; k < rows; ++k)
-      at_rank_bits |= (parallel_pos[k] == rank[j]) & bit_cast<KeyV>(s[k]);
-    const Doubles own = as_doubles(s[j]), at_rank = as_doubles(bit_cast<ScoreV>(at_rank_bits));
+    KeyV at_rank_words[kWords] = {};
+    for (Key k = 0; k < rows; ++k) {
+      const KeyV match = parallel_pos[k] == rank[j];
+      for (int w = 0; w < kWords; ++w) at_rank_words[w] |= match & s.word[w][k];
+    }
+    KeyV own_words[kWords];
+    for (int w = 0; w < kWords; ++w) own_words[w] = s.word[w][j];
+    const Doubles own = values_of(own_words), at_rank = values_of(at_rank_words);
     const Masks counted = as_masks(mismatch[j]);
     for (int h = 0; h < 2; ++h) {
       // |gap| where mismatched, else 0, as bit operations: a select on doubles would branch
@@ -343,10 +452,11 @@ template <typename Score>
   }
 }
 
-// Any group size: sort into per-thread scratch space.
+// Any group size: sort into per-thread scratch space, in the order of the convention.
 template <typename Score>
-GroupError evaluate_large(const Score* score, const uint8_t* relevant, int64_t n, Scratch& s,
-                          GroupMetrics& out) {
+GroupError evaluate_sorted(const Score* score, const uint8_t* relevant, int64_t n,
+                           Convention convention, Scratch& s, GroupMetrics& out) {
+  s.fit(n);
   int64_t num_relevant;
   const GroupError err = load_group(
       score, relevant, n,
@@ -355,13 +465,14 @@ GroupError evaluate_large(const Score* score, const uint8_t* relevant, int64_t n
       },
       num_relevant);
   if (err != GroupError::kNone) return err;
-  std::sort(s.candidates.begin(), s.candidates.begin() + n, ranks_before);
+  std::sort(s.candidates.begin(), s.candidates.begin() + n,
+            convention == Convention::kAuthors ? ranks_before_in_input_order : ranks_before);
   for (int64_t p = 0; p < n; ++p) {
     s.ranked_scores[p] = s.candidates[p].score;
     s.ranked_relevant[p] = s.candidates[p].relevant;
   }
   metrics_from_ranking(s.ranked_scores.data(), s.ranked_relevant.data(), n, num_relevant,
-                       s.parallel.data(), out);
+                       s.parallel.data(), convention, out);
   return GroupError::kNone;
 }
 
@@ -380,14 +491,15 @@ struct BlockResult {
   GroupError error = GroupError::kNone;
 };
 
-// Groups [g0, g1): groups of more than kSmallGroup candidates one at a time through
-// evaluate_large, in order; the others bucketed by size (a counting sort into scratch.order),
-// kLanes at a time through evaluate_small_lanes, so that lanes rarely hold padding. The sums'
-// order depends only on the block's groups. A bad group makes the block report the first one.
+// Groups [g0, g1): groups of more than kSmallGroup candidates (under the authors' convention,
+// every group) one at a time through evaluate_sorted, in order; the others bucketed by size (a
+// counting sort into scratch.order), kLanes at a time through evaluate_small_lanes, so that lanes
+// rarely hold padding. The sums' order depends only on the block's groups. A bad group makes the
+// block report the first one.
 template <typename Score>
 [[gnu::always_inline]] inline BlockResult evaluate_block_body(
     const Score* score, const uint8_t* relevant, const int64_t* offsets, int64_t g0, int64_t g1,
-    Scratch& scratch, const PerGroupOut& per_group) {
+    Convention convention, Scratch& scratch, const PerGroupOut& per_group) {
   BlockResult block;
   auto record = [&](int64_t g, GroupError err, const GroupMetrics& m) {
     if (err != GroupError::kNone) {
@@ -411,10 +523,10 @@ template <typename Score>
   int64_t bucket_end[kSmallGroup + 1] = {};  // after counting: bucket n ends at bucket_end[n]
   for (int64_t g = g0; g < g1; ++g) {
     const int64_t n = offsets[g + 1] - offsets[g];
-    if (n > kSmallGroup) {
+    if (n > kSmallGroup || convention == Convention::kAuthors) {
       GroupMetrics m;
-      const GroupError err =
-          evaluate_large(score + offsets[g], relevant + offsets[g], n, scratch, m);
+      const GroupError err = evaluate_sorted(score + offsets[g], relevant + offsets[g], n,
+                                             convention, scratch, m);
       record(g, err, m);
     } else {
       ++bucket_end[n];
@@ -422,7 +534,7 @@ template <typename Score>
   }
   for (int n = 1; n <= kSmallGroup; ++n) bucket_end[n] += bucket_end[n - 1];
   const int64_t small_groups = bucket_end[kSmallGroup];
-  for (int64_t g = g1 - 1; g >= g0; --g) {
+  for (int64_t g = g1 - 1; g >= g0 && small_groups > 0; --g) {
     const int64_t n = offsets[g + 1] - offsets[g];
     if (n <= kSmallGroup) scratch.order[--bucket_end[n]] = g;
   }
@@ -445,45 +557,79 @@ template <typename Score>
 
 // evaluate_block_body compiled for the baseline ISA and, with GCC/Clang on x86-64, also for AVX2
 // (evaluate_small_lanes' loops over lanes become 8-lane vectors; it is always inlined so that it
-// is compiled for the caller's ISA), chosen at run time. Same operations in the same order: identical results.
+// is compiled for the caller's ISA), chosen at run time. Same operations in the same order:
+// identical results.
 template <typename Score>
 BlockResult evaluate_block_baseline(const Score* score, const uint8_t* relevant,
                                     const int64_t* offsets, int64_t g0, int64_t g1,
-                                    Scratch& scratch, const PerGroupOut& per_group) {
-  return evaluate_block_body(score, relevant, offsets, g0, g1, scratch, per_group);
+                                    Convention convention, Scratch& scratch,
+                                    const PerGroupOut& per_group) {
+  return evaluate_block_body(score, relevant, offsets, g0, g1, convention, scratch, per_group);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
 template <typename Score>
 [[gnu::target("avx2")]] BlockResult evaluate_block_avx2(
     const Score* score, const uint8_t* relevant, const int64_t* offsets, int64_t g0, int64_t g1,
-    Scratch& scratch, const PerGroupOut& per_group) {
-  return evaluate_block_body(score, relevant, offsets, g0, g1, scratch, per_group);
+    Convention convention, Scratch& scratch, const PerGroupOut& per_group) {
+  return evaluate_block_body(score, relevant, offsets, g0, g1, convention, scratch, per_group);
 }
 #endif
 
 template <typename Score>
 BlockResult evaluate_block(const Score* score, const uint8_t* relevant, const int64_t* offsets,
-                           int64_t g0, int64_t g1, Scratch& scratch, const PerGroupOut& per_group) {
+                           int64_t g0, int64_t g1, Convention convention, Scratch& scratch,
+                           const PerGroupOut& per_group) {
 #if defined(__x86_64__) && defined(__GNUC__)
   static const bool avx2 = __builtin_cpu_supports("avx2");
   if (avx2)
-    return evaluate_block_avx2(score, relevant, offsets, g0, g1, scratch, per_group);
+    return evaluate_block_avx2(score, relevant, offsets, g0, g1, convention, scratch, per_group);
 #endif
-  return evaluate_block_baseline(score, relevant, offsets, g0, g1, scratch, per_group);
+  return evaluate_block_baseline(score, relevant, offsets, g0, g1, convention, scratch,
+                                 per_group);
+}
+
+// Runs work() on up to `threads` threads, the calling one included, and returns once every one
+// has finished. A thread that cannot be created is done without: work() pulls its share from a
+// common queue, so the others do it. The first exception thrown by any work() is rethrown here;
+// `stop` is set when one throws, so that the others can finish early.
+template <typename Work>
+void run_on_threads(int threads, std::atomic<bool>& stop, const Work& work) {
+  std::mutex error_mutex;
+  std::exception_ptr error;
+  auto guarded = [&]() noexcept {
+    try {
+      work();
+    } catch (...) {
+      stop.store(true);
+      const std::lock_guard<std::mutex> lock(error_mutex);
+      if (!error) error = std::current_exception();
+    }
+  };
+  std::vector<std::thread> pool;
+  try {
+    pool.reserve(static_cast<size_t>(std::max(threads - 1, 0)));
+    for (int t = 1; t < threads; ++t) pool.emplace_back(guarded);
+  } catch (const std::exception&) {
+    // fewer threads (std::system_error, std::bad_alloc): the ones started share the work
+  }
+  guarded();
+  for (std::thread& thread : pool) thread.join();
+  if (error) std::rethrow_exception(error);
 }
 
 template <typename Score>
 void evaluate_blocks(const Score* score, const uint8_t* relevant, const int64_t* offsets,
-                     int64_t num_groups, int64_t max_group, const PerGroupOut& per_group,
+                     int64_t num_groups, Convention convention, const PerGroupOut& per_group,
                      std::vector<BlockResult>& blocks, int num_threads) {
   const int64_t num_blocks = static_cast<int64_t>(blocks.size());
   std::atomic<int64_t> next_block{0};
   std::atomic<int64_t> first_error{kNoError};
+  std::atomic<bool> stop{false};
 
   auto worker = [&]() {
-    Scratch scratch(max_group > kSmallGroup ? max_group : 0);
-    for (;;) {
+    Scratch scratch;
+    while (!stop.load(std::memory_order_relaxed)) {
       const int64_t b = next_block.fetch_add(1);
       if (b >= num_blocks) return;
       const int64_t g0 = b * kBlockGroups;
@@ -491,7 +637,7 @@ void evaluate_blocks(const Score* score, const uint8_t* relevant, const int64_t*
       const int64_t g1 = std::min(num_groups, g0 + kBlockGroups);
       // local: neighbouring blocks' results may share a cache line
       const BlockResult block =
-          evaluate_block(score, relevant, offsets, g0, g1, scratch, per_group);
+          evaluate_block(score, relevant, offsets, g0, g1, convention, scratch, per_group);
       if (block.error != GroupError::kNone) {
         int64_t seen = first_error.load();
         while (block.error_group < seen &&
@@ -501,16 +647,7 @@ void evaluate_blocks(const Score* score, const uint8_t* relevant, const int64_t*
       blocks[b] = block;
     }
   };
-
-  const int threads = static_cast<int>(std::min<int64_t>(num_threads, num_blocks));
-  if (threads <= 1) {
-    worker();
-    return;
-  }
-  std::vector<std::thread> pool;
-  pool.reserve(threads);
-  for (int t = 0; t < threads; ++t) pool.emplace_back(worker);
-  for (auto& th : pool) th.join();
+  run_on_threads(static_cast<int>(std::min<int64_t>(num_threads, num_blocks)), stop, worker);
 }
 
 void require_1d_contiguous(const py::array& a, const char* name) {
@@ -545,7 +682,7 @@ int64_t check_offsets(const int64_t* offsets, int64_t num_groups, int64_t num_ca
 }
 
 py::dict evaluate(const py::array& scores, const py::array& relevant, const py::array& offsets,
-                  bool per_group, int num_threads) {
+                  bool per_group, int num_threads, bool authors_convention) {
   require_1d_contiguous(scores, "similarity");
   require_1d_contiguous(relevant, "relevant");
   require_1d_contiguous(offsets, "offsets");
@@ -588,15 +725,24 @@ py::dict evaluate(const py::array& scores, const py::array& relevant, const py::
                       wpr.mutable_data(),             average_precision.mutable_data()};
   }
 
+  const Convention convention = authors_convention ? Convention::kAuthors : Convention::kPaper;
   std::vector<BlockResult> blocks((num_groups + kBlockGroups - 1) / kBlockGroups);
-  {
+  try {
     py::gil_scoped_release release;
     if (is_f32)
       evaluate_blocks(static_cast<const float*>(scores.data()), rel, off.data(), num_groups,
-                      max_group, out, blocks, num_threads);
+                      convention, out, blocks, num_threads);
     else
       evaluate_blocks(static_cast<const double*>(scores.data()), rel, off.data(), num_groups,
-                      max_group, out, blocks, num_threads);
+                      convention, out, blocks, num_threads);
+  } catch (const std::bad_alloc&) {  // the GIL is held again here
+    const int64_t mib = ((max_group * Scratch::kBytesPerCandidate) >> 20) + 1;
+    PyErr_SetString(PyExc_MemoryError,
+                    ("not enough memory to rank the groups (sorting the largest group, " +
+                     std::to_string(max_group) + " candidates, takes about " +
+                     std::to_string(mib) + " MiB)")
+                        .c_str());
+    throw py::error_already_set();
   }
 
   Sums total;
@@ -646,6 +792,9 @@ PYBIND11_MODULE(_ranking, m) {
   m.doc() = "Ranking metrics (MP@1, ranking accuracy, MRR, WPR, MAP) over ragged groups";
   m.def("evaluate", &evaluate, py::arg("similarity"), py::arg("relevant"), py::arg("offsets"),
         py::arg("per_group") = false, py::arg("num_threads") = 0,
+        py::arg("authors_convention") = false,
         "Evaluates every group; similarity float32/float64 [C], relevant bool [C], offsets "
-        "int64 [N+1]. Releases the GIL and runs on num_threads threads (0: all cores).");
+        "int64 [N+1]. Releases the GIL and runs on up to num_threads threads (0: all cores). "
+        "authors_convention: the authors' definitions instead of the paper's "
+        "(docs/metrics.md).");
 }

@@ -14,9 +14,8 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 
 from .data import Vocab
-from .models import PythiaConfig, PythiaVQA
-from .training.checkpoint import MODEL_KEYS, load_checkpoint
-from .training.config import CLIError, build_evaluate_parser, run_command
+from .training.checkpoint import MODEL_KEYS, load_checkpoint, model_from_checkpoint
+from .training.config import EVAL_DIR, CLIError, build_evaluate_parser, run_command
 from .training.data import load_val_data
 from .training.distributed import resolve_device
 from .training.evaluation import evaluate, load_hat, write_report
@@ -36,17 +35,16 @@ def evaluate_checkpoint(args) -> Dict[str, Any]:
             raise CLIError(f"{Path(args.checkpoint).parent} holds no checkpoint.pt: is it a "
                            "run folder (the trainer's --out)?")
     state = load_checkpoint(args.checkpoint, MODEL_KEYS)
-    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "eval"
+    model = model_from_checkpoint(state, args.checkpoint)
+    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / EVAL_DIR
     out.mkdir(parents=True, exist_ok=True)
     log = setup_logging(None)
-    config = PythiaConfig(**state["model_config"])
     data = load_val_data(args, state["source"], Vocab(state["vocab"]),
-                         Vocab(state["answer_vocab"]), config.feature_dim)
+                         Vocab(state["answer_vocab"]), model.config.feature_dim)
     device = resolve_device(args.device, 0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = PythiaVQA(config).to(device)
-    model.load_state_dict(state["model"])
+    model = model.to(device)
     log.info("evaluating %s (%s, step %d) on %d validation groups", args.checkpoint,
              state["method"], state["step"], len(data.val))
     result = evaluate(model, data.val, batch_groups=args.batch_groups, device=device,

@@ -25,17 +25,32 @@ ROLE_REASONING, ROLE_SUB, ROLE_IRRELEVANT = 0, 1, 2
 _facts: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
 
 
-def _version(t: torch.Tensor) -> Optional[int]:
-    return None if t.is_inference() else t._version
+def _stamp(t: torch.Tensor) -> Any:
+    """What :func:`recall` compares to see that ``t`` still holds the values a fact was found
+    for. A CPU tensor: a private copy of its values (writes through numpy, which shares the
+    memory, or through ``.data`` do not move the version counter; comparing costs no device
+    sync). Any other device: the version counter (reading the values back would be a sync).
+    ``None``: nothing reliable (an inference tensor), so nothing is remembered."""
+    if t.is_inference():
+        return None
+    return t.detach().clone() if t.device.type == "cpu" else t._version
+
+
+def _unchanged(t: torch.Tensor, stamp: Any) -> bool:
+    if isinstance(stamp, torch.Tensor):
+        return (stamp.dtype == t.dtype and stamp.shape == t.shape
+                and t.device.type == "cpu" and torch.equal(stamp, t))
+    return not t.is_inference() and t.device.type != "cpu" and stamp == t._version
 
 
 def remember(t: torch.Tensor, name: str, fact: Any, *companions: torch.Tensor) -> None:
     """Records ``fact`` about ``t`` (and the ``companions`` it was checked with); it stays valid
-    while none of these tensors is replaced or modified in place."""
-    if _version(t) is None or any(_version(c) is None for c in companions):
+    while none of these tensors changes value (CPU) or is modified in place (other devices)."""
+    stamps = [_stamp(x) for x in (t, *companions)]
+    if any(stamp is None for stamp in stamps):
         return
-    deps = [(weakref.ref(c), c._version) for c in companions]
-    _facts.setdefault(t, {})[name] = (t._version, deps, fact)
+    deps = [(weakref.ref(c), stamp) for c, stamp in zip(companions, stamps[1:])]
+    _facts.setdefault(t, {})[name] = (stamps[0], deps, fact)
 
 
 def recall(t: torch.Tensor, name: str, *companions: torch.Tensor) -> Any:
@@ -43,11 +58,11 @@ def recall(t: torch.Tensor, name: str, *companions: torch.Tensor) -> Any:
     entry: Optional[Dict[str, Any]] = _facts.get(t)
     if entry is None or name not in entry:
         return None
-    version, deps, fact = entry[name]
-    if version != _version(t) or len(deps) != len(companions):
+    stamp, deps, fact = entry[name]
+    if len(deps) != len(companions) or not _unchanged(t, stamp):
         return None
-    for (ref, dep_version), c in zip(deps, companions):
-        if ref() is not c or dep_version != _version(c):
+    for (ref, dep_stamp), c in zip(deps, companions):
+        if ref() is not c or not _unchanged(c, dep_stamp):
             return None
     return fact
 
@@ -55,13 +70,15 @@ def recall(t: torch.Tensor, name: str, *companions: torch.Tensor) -> Any:
 def carry_facts(source: Tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                 target: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
     """What was validated about ``(offsets, num_sub, classes)`` of a batch holds for a copy with
-    the same values (``target``, e.g. the batch moved to a GPU): recorded for it too."""
+    the same values (``target``, e.g. the batch moved to a GPU): recorded for it too. The
+    copy's group sizes are computed from its own offsets, on its device (nothing is copied
+    between devices here)."""
     (offsets, num_sub, classes), (new_offsets, new_num_sub, new_classes) = source, target
     known = recall(offsets, "layout", num_sub)
     if known is not None and new_offsets is not offsets:
         num_rows, layout = known
-        moved = Layout(layout.sizes.to(new_offsets.device), layout.max_group,
-                       layout.num_with_irrelevant)
+        moved = Layout(new_offsets[1:] - new_offsets[:-1], layout.max_group,
+                       layout.num_with_irrelevant, layout.num_sub_rows)
         remember(new_offsets, "layout", (num_rows, moved), new_num_sub)
     known = recall(classes, "class_range")
     if known is not None and new_classes is not classes:
@@ -70,7 +87,7 @@ def carry_facts(source: Tuple[torch.Tensor, torch.Tensor, torch.Tensor],
 
 def class_range(classes: torch.Tensor) -> Tuple[int, int]:
     """``(min, max)`` of an integer tensor: one host sync the first time, remembered for this
-    tensor until it is modified (a batch built on the CPU records it for free)."""
+    tensor until it changes (a batch built on the CPU records it for free)."""
     known = recall(classes, "class_range")
     if known is None:
         known = tuple(torch.stack([classes.min(), classes.max()]).tolist())
@@ -85,11 +102,13 @@ def _first(mask: torch.Tensor) -> int:
 @dataclass(frozen=True)
 class Layout:
     """A validated packed layout: group ``sizes [N]`` (int64, on the layout's device), the
-    largest group size and the number of groups with at least one irrelevant question."""
+    largest group size, the number of groups with at least one irrelevant question and the
+    number of sub-question rows (0 when checked without ``num_sub``)."""
 
     sizes: torch.Tensor
     max_group: int
     num_with_irrelevant: int
+    num_sub_rows: int = 0
 
 
 def check_layout(
@@ -99,7 +118,9 @@ def check_layout(
     device: Optional[torch.device] = None,
 ) -> Layout:
     """Validates a packed layout (docs/ops.md) with a single device-to-host copy, or none
-    when these very tensors were validated before and not modified since.
+    when these very tensors were validated before and have not changed since (on the CPU:
+    the same values, compared with a copy made at validation; elsewhere: not modified in
+    place).
 
     Raises ``TypeError`` when ``offsets``/``num_sub`` are not tensors and ``ValueError`` naming
     the first offending group for a wrong dtype, shape, device, non-monotone offsets, a row count
@@ -151,7 +172,7 @@ def _check_layout_values(offsets: torch.Tensor, num_sub: Optional[torch.Tensor],
         if num_sub.device != offsets.device:
             raise ValueError(f"num_sub is on {num_sub.device} but offsets is on {offsets.device}")
         num_irrelevant = sizes - 1 - num_sub
-        stats += [num_sub.min(), num_irrelevant.min(), (num_irrelevant > 0).sum()]
+        stats += [num_sub.min(), num_irrelevant.min(), (num_irrelevant > 0).sum(), num_sub.sum()]
     first, last, min_size, max_size, *sub_stats = torch.stack(stats).tolist()
 
     if first != 0:
@@ -166,7 +187,7 @@ def _check_layout_values(offsets: torch.Tensor, num_sub: Optional[torch.Tensor],
         raise ValueError(f"offsets[-1]={last} does not match the {num_rows} rows of the data")
     if num_sub is None:
         return Layout(sizes, max_size, 0)
-    min_sub, min_irrelevant, num_with_irrelevant = sub_stats
+    min_sub, min_irrelevant, num_with_irrelevant, num_sub_rows = sub_stats
     if min_sub < 1:
         g = _first(num_sub < 1)
         raise ValueError(f"group {g} has num_sub={int(num_sub[g])}; every group needs >= 1")
@@ -176,7 +197,7 @@ def _check_layout_values(offsets: torch.Tensor, num_sub: Optional[torch.Tensor],
             f"group {g} has num_sub={int(num_sub[g])} but only {int(sizes[g]) - 1} rows "
             "after its reasoning row"
         )
-    return Layout(sizes, max_size, num_with_irrelevant)
+    return Layout(sizes, max_size, num_with_irrelevant, num_sub_rows)
 
 
 def group_ids(sizes: torch.Tensor, num_rows: int) -> torch.Tensor:

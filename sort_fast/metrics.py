@@ -11,7 +11,14 @@ import numpy as np
 import torch
 
 from . import _ranking
-from .layout import ROLE_IRRELEVANT, ROLE_REASONING, ROLE_SUB, candidate_layout, check_layout, row_roles
+from .layout import (
+    ROLE_IRRELEVANT,
+    ROLE_REASONING,
+    ROLE_SUB,
+    candidate_layout,
+    check_layout,
+    row_roles,
+)
 
 __all__ = [
     "ranking_metrics",
@@ -21,6 +28,8 @@ __all__ = [
 ]
 
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
+# the definitions of docs/metrics.md: the paper's text, or the authors' code behind its numbers
+CONVENTIONS = ("paper", "authors")
 
 
 def _to_numpy(x: ArrayLike, name: str) -> np.ndarray:
@@ -77,6 +86,7 @@ def ranking_metrics(
     *,
     per_group: bool = False,
     num_threads: Optional[int] = None,
+    convention: str = "paper",
 ) -> Dict[str, Any]:
     """Ranking metrics over ragged groups of candidates.
 
@@ -88,7 +98,13 @@ def ranking_metrics(
         per_group: also return ``"per_group"``, a dict of ``[N]`` arrays
             (``precision_at_1``, ``ranked_correctly``, ``misranked``, ``reciprocal_rank``,
             ``wpr``, ``average_precision``).
-        num_threads: worker threads (default: all cores).
+        num_threads: worker threads at most (default: all cores); fewer run where the system
+            cannot start more.
+        convention: ``"paper"`` (default): the definitions of the paper's text, ties broken
+            pessimistically (irrelevant first). ``"authors"``: those of the authors' code behind
+            the paper's numbers: ties in input order, a group's WPR is the sum of its gaps (so
+            ``wpr_misranked`` is the WPR they report) and ``map`` is the mean over a group's
+            relevant candidates of 1 / rank. docs/metrics.md has both.
 
     Returns:
         dict with ``mp1``, ``ranking_accuracy``, ``mrr``, ``wpr``, ``wpr_misranked``, ``map``,
@@ -96,8 +112,9 @@ def ranking_metrics(
 
     Raises:
         ValueError naming the first bad group (NaN or infinite score, no candidate, no relevant
-        candidate, offsets out of order or range) or a length mismatch; TypeError for unusable
-        inputs.
+        candidate, offsets out of order or range), a length mismatch or an unknown convention;
+        TypeError for unusable inputs; MemoryError when the scratch space to sort the largest
+        group cannot be allocated.
 
     The extension works on a copy of ``offsets`` and reads each score and relevance flag once, so
     another thread writing into the arrays during the call can change the values it sees but
@@ -107,11 +124,15 @@ def ranking_metrics(
         num_threads = 0
     elif isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
         raise ValueError(f"num_threads must be a positive int or None, got {num_threads!r}")
+    if not isinstance(convention, str) or convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {', '.join(map(repr, CONVENTIONS))}, "
+                         f"got {convention!r}")
     scores, rel, off = _as_scores(similarity), _as_relevant(relevant), _as_int64(offsets, "offsets")
     for name, a in (("similarity", scores), ("relevant", rel), ("offsets", off)):
         if a.ndim != 1:
             raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
-    return _ranking.evaluate(scores, rel, off, per_group, num_threads)
+    return _ranking.evaluate(scores, rel, off, per_group, num_threads,
+                             authors_convention=convention == "authors")
 
 
 def ranking_metrics_packed(

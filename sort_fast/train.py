@@ -29,17 +29,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .models import PythiaConfig, PythiaVQA
+from .models import PythiaVQA
 from .training.checkpoint import (MODEL_KEYS, TRAINING_KEYS, load_checkpoint, lock_run_dir,
-                                  remove_stale_temp_files, rng_state, save_checkpoint,
-                                  set_rng_state)
-from .training.config import (METHOD_NAMES, CLIError, Interrupted, build_train_parser,
-                              command_line, explicit_flags, run_command)
+                                  model_from_checkpoint, remove_stale_temp_files, rng_state,
+                                  save_checkpoint, set_rng_state)
+from .training.config import (EVAL_DIR, METHOD_NAMES, CLIError, Interrupted,
+                              build_train_parser, command_line, explicit_flags, run_command)
 from .training.data import (DataOrder, Datasets, StepBatchSampler, load_train_data,
                             make_loader, model_config)
 from .training.distributed import (DistContext, average_over_processes, close_distributed,
                                    gather_objects, init_distributed, wrap_model)
 from .training.evaluation import evaluate, format_table, load_hat, write_report
+from .training.fingerprint import check_fingerprint, data_fingerprint
 from .training.logs import JsonLog, setup_logging
 from .training.objective import Objective
 
@@ -47,9 +48,12 @@ __all__ = ["main", "train", "TrainResult"]
 
 PROG = "python -m sort_fast.train"
 CHECKPOINT = "checkpoint.pt"
-# what a fresh start (not --resume) removes of an earlier run in the same --out (the checkpoint
-# is replaced atomically by the first save)
-RUN_OUTPUTS = ("log.jsonl", "train.log", "metrics.json", "table1.md")
+# the report a finished run writes (and the evaluator, into EVAL_DIR), besides the plots
+REPORT = ("table1.md", "metrics.json")
+# what a fresh start (not --resume) removes of an earlier run in the same --out, the checkpoint
+# first (a fresh start killed before its first save then leaves nothing to resume), before the
+# new run writes anything
+RUN_OUTPUTS = (CHECKPOINT, "log.jsonl", "train.log", *REPORT)
 # flags that change the trajectory: a resumed run must use the checkpoint's values
 TRAJECTORY_FLAGS = (
     "seed", "batch_groups", "loss", "lambda_reasoning", "lambda_sub", "lambda_irrelevant",
@@ -90,16 +94,18 @@ def _adopt_stored_flags(args: argparse.Namespace, stored: Dict[str, Any]) -> Non
             setattr(args, name, value)
 
 
-def _build_model(args: argparse.Namespace, data: Datasets) -> PythiaVQA:
-    """A fresh model, or the weights of ``--init`` (whose sizes and vocabulary must fit)."""
+def _build_model(args: argparse.Namespace, data: Datasets,
+                 resume: Optional[Dict[str, Any]]) -> PythiaVQA:
+    """A fresh model, the weights of ``--init`` (whose vocabulary must fit), or for a resumed
+    run the checkpoint's model (``--init`` is not read again: its file may be gone)."""
+    if resume is not None:
+        return model_from_checkpoint(resume, Path(args.out) / CHECKPOINT)
     if args.init is None:
         return PythiaVQA(model_config(args, data))
     state = load_checkpoint(args.init, MODEL_KEYS)
     if state["vocab"] != data.vocab.tokens or state["answer_vocab"] != data.answer_vocab.tokens:
         raise CLIError(f"--init {args.init}: its vocabulary differs from this data's")
-    model = PythiaVQA(PythiaConfig(**state["model_config"]))
-    model.load_state_dict(state["model"])
-    return model
+    return model_from_checkpoint(state, args.init)
 
 
 def _warmup(warmup_steps: int):
@@ -148,13 +154,40 @@ def _catch_signals() -> Iterator[List[int]]:
             signal.signal(s, handler)
 
 
-def _finished_report(out: Path, step: int) -> Optional[Dict[str, Any]]:
-    """``metrics.json`` of a run that finished at ``step``, if its report was written."""
+def _finished_report(out: Path, step: int, plots: bool) -> Optional[Dict[str, Any]]:
+    """``metrics.json`` of a run that finished at ``step``, if its whole report was written
+    (``table1.md`` and, with ``plots``, every plot); ``None`` for a partial report, which the
+    run then writes again."""
+    if plots:
+        from .training.plots import CURVES, PLOTS  # imports matplotlib
+
+        if not all((out / name).exists() for name in (*PLOTS, CURVES)):
+            return None
+    if not all((out / name).exists() for name in REPORT):
+        return None
     try:
         report = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return report if isinstance(report, dict) and report.get("step") == step else None
+
+
+def _remove_run(out: Path) -> None:
+    """Removes an earlier run's outputs from ``out`` (the checkpoint first), and the report the
+    evaluator wrote into its default folder there."""
+    from .training.plots import CURVES, PLOTS  # imports matplotlib
+
+    for name in (*RUN_OUTPUTS, *PLOTS, CURVES):
+        (out / name).unlink(missing_ok=True)
+    for name in (*REPORT, *PLOTS):
+        (out / EVAL_DIR / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # absent, or holding files of the user's
+        (out / EVAL_DIR).rmdir()
+
+
+def _finite_weights(model: torch.nn.Module) -> bool:
+    """Whether every parameter is finite (one host sync)."""
+    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
 
 
 @contextlib.contextmanager
@@ -176,10 +209,7 @@ def _run_folder(args: argparse.Namespace, ctx: DistContext) -> Iterator[Path]:
     with lock_run_dir(out):
         remove_stale_temp_files(out)
         if not args.resume:
-            from .training.plots import CURVES, PLOTS  # imports matplotlib
-
-            for name in (*RUN_OUTPUTS, *PLOTS, CURVES):
-                (out / name).unlink(missing_ok=True)
+            _remove_run(out)
         yield out
 
 
@@ -208,13 +238,20 @@ def _train(args: argparse.Namespace, ctx: DistContext, out: Path) -> TrainResult
     t0 = time.perf_counter()
     data = load_train_data(args)
     assert data.train is not None
+    fingerprint = data_fingerprint(args, data)
+    if resume is not None:
+        if "data_fingerprint" in resume:
+            check_fingerprint(resume["data_fingerprint"], fingerprint, ckpt_path)
+        else:
+            log.warning("%s has no data fingerprint (written by an older version): this run's "
+                        "data is not compared with the data it was trained on", ckpt_path)
     hat_maps = load_hat(args.hat_dir, data.val) if ctx.is_main else None
     order = DataOrder(len(data.train), args.batch_groups, args.seed)
     if order.batch_groups < ctx.world_size:
         raise CLIError(f"--batch-groups {order.batch_groups} is smaller than the "
                        f"{ctx.world_size} processes")
     total = args.max_steps or args.epochs * order.steps_per_epoch
-    model = _build_model(args, data).to(ctx.device)
+    model = _build_model(args, data, resume).to(ctx.device)
     optimizer = torch.optim.Adamax(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup(args.warmup_steps))
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.amp == "fp16")
@@ -235,20 +272,33 @@ def _train(args: argparse.Namespace, ctx: DistContext, out: Path) -> TrainResult
         if len(resume["rng"]) != ctx.world_size:
             raise CLIError(f"cannot resume: the checkpoint was written by {len(resume['rng'])} "
                            f"process(es), this run has {ctx.world_size}")
-        model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         if "scaler" in resume:
             scaler.load_state_dict(resume["scaler"])
         set_rng_state(resume["rng"][ctx.rank])
         step = int(resume["step"])
+    finished = step >= total
+    # a finished run whose report is partial (killed while writing it) evaluates again
+    report = _finished_report(out, step, args.plots) if finished and ctx.is_main else None
+    if resume is not None:
         if ctx.is_main:
-            jsonl.truncate_after(step)
+            jsonl.truncate_after(step, drop_eval_at_step=finished and report is None)
         log.info("resumed from %s at step %d", ckpt_path, step)
+    saved_step = step if resume is not None else None  # the step of the checkpoint on disk
+
+    def kept() -> str:
+        return (f"the checkpoint of step {saved_step} is kept" if saved_step is not None else
+                "no checkpoint was written")
 
     def save() -> None:
+        nonlocal saved_step
+        if not _finite_weights(model):  # every rank: they hold the same weights
+            raise CLIError(f"the weights are not finite after step {step} (a non-finite "
+                           f"gradient); {kept()}; try a lower --lr")
         rngs = gather_objects(rng_state(), ctx)  # collective: every rank takes part
         if not ctx.is_main:
+            saved_step = step
             return
         try:
             save_checkpoint({
@@ -258,11 +308,13 @@ def _train(args: argparse.Namespace, ctx: DistContext, out: Path) -> TrainResult
                 "config": {k: v for k, v in vars(args).items() if k != "explicit"},
                 "model_config": dataclasses.asdict(model.config),
                 "vocab": data.vocab.tokens, "answer_vocab": data.answer_vocab.tokens,
-                "source": data.source, "method": method}, ckpt_path)
+                "source": data.source, "method": method, "data_fingerprint": fingerprint},
+                ckpt_path)
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
             reason = next(iter(str(e).splitlines()), type(e).__name__)
             raise CLIError(f"cannot write {ckpt_path} ({reason}): the disk may be full; the "
                            "previous checkpoint is kept") from None
+        saved_step = step
 
     def stop_signal(caught: List[int], sync_point: bool) -> int:
         """The signal to stop on after this step (0: none). Processes agree on it at
@@ -299,14 +351,19 @@ def _train(args: argparse.Namespace, ctx: DistContext, out: Path) -> TrainResult
         for (step_done, record, _), row in zip(pending, values):
             parts = dict(zip(names, row))
             if not math.isfinite(parts["loss"]):
-                raise CLIError(f"the loss is not finite at step {step_done}; try a lower --lr")
+                raise CLIError(f"the loss is not finite at step {step_done}; {kept()}; try a "
+                               "lower --lr")
+            # fp16's gradient scaler skips a step with an inf gradient itself
+            if not math.isfinite(parts.get("grad_norm", 0.0)) and not scaler.is_enabled():
+                raise CLIError(f"the gradient is not finite at step {step_done} (its loss is "
+                               f"finite); {kept()}; try a lower --lr")
             if ctx.is_main:
                 jsonl.write({**record, **parts, "groups_per_s": record["groups_per_s"]})
         if ctx.is_main:
             bar.set_postfix_str(_postfix(parts, record["groups_per_s"]), refresh=False)
         pending.clear()
 
-    start, finished = step, step >= total
+    start = step
     groups_seen, t_train = 0, time.perf_counter()
     with _catch_signals() as caught:
         while step < total:
@@ -356,7 +413,6 @@ def _train(args: argparse.Namespace, ctx: DistContext, out: Path) -> TrainResult
         log.info("trained %d steps in %.1fs", step - start, time.perf_counter() - t_train)
     if not ctx.is_main:
         return TrainResult(model, None)
-    report = _finished_report(out, step) if finished else None
     if report is not None:
         log.info("the run in %s had already finished (step %d); its report is kept", out, step)
         print(format_table(report["metrics"], report["method"]), flush=True)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from torch import nn
 
-from sort_fast.data import SyntheticIntrospect, load_hat_maps, tokenize
+from sort_fast.data import SyntheticIntrospect, load_hat_maps, save_region_info, tokenize
 from sort_fast.heads import BranchSum, mlp_head, pythia_classifier
 from test_data import _open, _write_json, real  # noqa: F401  (``real`` is a fixture)
 
@@ -165,10 +165,9 @@ def test_non_finite_npy_boxes_are_an_error(real):
     info = real["npy"] / f"COCO_val2014_{42:012d}_info.npy"
     boxes = real["boxes42"].copy()
     boxes[0, 0] = np.nan
-    np.save(info, np.array({"bbox": boxes, "num_boxes": 4, "image_w": 640, "image_h": 480},
-                           dtype=object))
+    save_region_info(info, boxes, 640, 480)
     with pytest.raises(ValueError, match=f"{info.name}: image 42 has 1 NaN/inf box"):
-        _open(real)[0]
+        _open(real)
 
 
 def _tsv_row(image_id, feats, size="100"):
@@ -192,7 +191,7 @@ def test_non_finite_tsv_features_are_an_error(real, bad):
 def test_non_finite_tsv_image_size_is_an_error(real, size):
     lines = real["tsv"].read_text().splitlines()
     real["tsv"].write_text("\n".join([_tsv_row(42, real["feats"][42], size)] + lines[1:]) + "\n")
-    with pytest.raises(ValueError, match="feats.tsv: image size must be positive and finite"):
+    with pytest.raises(ValueError, match="feats.tsv: image 42: image size must be positive and finite"):
         _open(real, "tsv")[0]
 
 
@@ -213,10 +212,11 @@ def test_runtime_file_problems_name_the_file_before_training(real, tmp_path):
         _open(real)
     np.save(real["npy"] / f"COCO_val2014_{42:012d}.npy", real["feats"][42])
     info = real["npy"] / f"COCO_val2014_{42:012d}_info.npy"
-    np.save(info, np.array({"bbox": real["boxes42"], "num_boxes": 3.5, "image_w": 640,
-                            "image_h": 480}, dtype=object))
-    with pytest.raises(ValueError, match=r"_info\.npy: num_boxes=3\.5"):
-        _open(real)[0]
+    fields = [("bbox", "<f4", (4, 4)), ("num_boxes", "<f8"), ("image_width", "<f8"),
+              ("image_height", "<f8")]
+    np.save(info, np.array((real["boxes42"], 3.5, 640, 480), dtype=fields))
+    with pytest.raises(ValueError, match=r"_info\.npy: num_boxes must be an integer, got float64"):
+        _open(real)
     deep = tmp_path / "deep.json"
     deep.write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(ValueError, match=r"deep\.json: cannot read JSON \(nested too deeply\)"):

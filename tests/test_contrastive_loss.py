@@ -10,8 +10,15 @@ from conftest import TRITON_DEVICE
 
 triton = pytest.importorskip("triton")
 from sort_fast.ops import contrastive_loss_kernels  # noqa: E402  (needs TRITON_INTERPRET first)
+from test_kernel_scalars import gpu_scalar_params  # noqa: E402, F401  (a fixture)
 
 EPS = 1e-8
+
+
+@pytest.fixture(autouse=True)
+def _gpu_scalars(gpu_scalar_params):
+    """Every kernel here gets its float arguments typed as on a GPU (test_kernel_scalars.py),
+    so that a scalar rounded to fp32 fails the float64 comparisons."""
 
 
 # ----------------------------------------------------------------------------- reference
@@ -220,6 +227,26 @@ def test_non_finite_input_gives_non_finite_loss(backend, row, value):
         assert torch.isnan(loss)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # interpreter
+@pytest.mark.parametrize("row", [0, 1, 3])  # a reasoning row, a sub-question, an irrelevant one
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_input_poisons_the_same_elements_in_both_backends(row, value):
+    """The same NaN/inf pattern in the loss and both gradients: a non-finite Grad-CAM vector
+    poisons its whole gradient row (and its group's reasoning row) in either backend."""
+    grad, act, offsets, num_sub = make_inputs(*RAGGED, dim=7, seed=12)
+    grad[row, 0] = value
+    got = {backend: run(contrastive_gradient_loss, grad, act, offsets, num_sub, margin=0.2,
+                        backend=backend, reduction="none") for backend in BACKENDS}
+    for by_torch, by_triton in zip(got["torch"], got["triton"]):
+        assert torch.equal(torch.isnan(by_torch), torch.isnan(by_triton))
+        assert torch.equal(torch.isinf(by_torch), torch.isinf(by_triton))
+    for backend in BACKENDS:
+        _, dgrad, dact = got[backend]
+        assert torch.isnan(dgrad[row]).all() and torch.isnan(dgrad[0]).all(), backend
+        assert torch.isnan(dact[row]).all(), backend
+        assert not torch.isnan(dgrad[offsets[1]:]).any(), backend  # other groups stay finite
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_layout_tensors(backend):
     """Strided ``offsets``/``num_sub`` views are read by value, not as raw memory."""
@@ -271,6 +298,70 @@ def test_mixed_input_dtypes():
     assert got[1].dtype == torch.float32 and got[2].dtype == torch.float16
     want = run(reference_loss, grad.float().double(), act.half().double(), offsets, num_sub)
     torch.testing.assert_close(got[0].double(), want[0], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- long rows
+# Row factors: a reasoning row (0), a member of its group (2, just under the long-row bound
+# 2^63 ~ 9.2e18 once multiplied), a member of group 2 (7), the reasoning row of group 4 (15)
+# and a sub-question of group 4 (18): their float32 squares overflow (from ~1.8e19).
+LONG_ROWS = {0: 1e20, 2: 3e18, 7: 1e25, 15: 1e30, 18: 2e19}
+
+
+def long_row_inputs(dtype=torch.float32):
+    grad, act, offsets, num_sub = make_inputs(*RAGGED, dim=19, seed=31)
+    for row, factor in LONG_ROWS.items():
+        grad[row] *= factor
+    return grad.to(dtype), act.to(dtype), offsets, num_sub
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_long_float32_rows_match_float64(backend):
+    """float32 Grad-CAM entries past ~2e18 (squared norms past the float32 range) give the
+    float64 reference's loss and gradients, not NaN or zero gradient rows."""
+    grad, act, offsets, num_sub = long_row_inputs()
+    got = run(contrastive_gradient_loss, grad, act, offsets, num_sub, margin=0.2,
+              backend=backend, reduction="none")
+    want = run(reference_loss, grad.double(), act.double(), offsets, num_sub, margin=0.2,
+               reduction="none")
+    assert all(torch.isfinite(t).all() for t in got)
+    torch.testing.assert_close(got[0].double(), want[0], rtol=1e-4, atol=1e-5)
+    for g, w in zip(got[1:], want[1:]):  # each row relative to its largest entry
+        row_max = w.abs().amax(1, keepdim=True)
+        assert (row_max[list(LONG_ROWS)] > 0).all()  # the long rows have gradients
+        row_max = torch.where(row_max > 0, row_max, 1.0)
+        torch.testing.assert_close(g.double() / row_max, w / row_max, rtol=1e-4, atol=1e-5)
+    sim = run(gradcam_similarity, grad, act, offsets, backend=backend)
+    want_sim = run(reference_similarity, grad.double(), act.double(), offsets)
+    torch.testing.assert_close(sim[0].double(), want_sim[0], rtol=1e-4, atol=1e-5)
+
+
+def test_rows_that_are_not_long_keep_their_bits():
+    """Ordinary float32 rows take exactly the plain formulas (Table 1 reproduces bit for bit):
+    none of them is long, and even rescaling every row by its power of two (what a long row
+    gets) leaves every output bit unchanged: the scaling is exact."""
+    from sort_fast.ops.contrastive_loss import _TorchBackend
+
+    grad, act, offsets, num_sub = make_inputs(*RAGGED, dim=300, dtype=torch.float32, seed=9)
+    G = grad * act
+    norm = torch.linalg.vector_norm(G, dim=1)
+    assert _TorchBackend._long_rows(norm).numel() == 0
+    start = offsets[:-1]
+    gid = torch.repeat_interleave(torch.arange(num_sub.numel()), offsets.diff())
+    cos = torch.einsum("td,td->t", G, G[start][gid]) / (
+        norm.clamp_min(EPS) * norm[start][gid].clamp_min(EPS))  # the plain formula
+    cos[start] = 1.0
+    assert torch.equal(gradcam_similarity(grad, act, offsets, backend="torch"), cos)
+    plain = run(contrastive_gradient_loss, grad, act, offsets, num_sub, margin=0.2,
+                backend="torch", reduction="none")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_TorchBackend, "_long_rows",
+                      staticmethod(lambda norm: torch.arange(norm.numel())))
+        G_all = G.clone()
+        scale, _ = _TorchBackend._scale_rows(G_all, torch.arange(G.shape[0]))
+        assert (scale != 1).all()
+        scaled = run(contrastive_gradient_loss, grad, act, offsets, num_sub, margin=0.2,
+                     backend="torch", reduction="none")
+    assert all(torch.equal(a, b) for a, b in zip(plain, scaled))
 
 
 # ----------------------------------------------------------------------------- gradcheck

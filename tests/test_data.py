@@ -18,6 +18,7 @@ from sort_fast.data import (
     load_word_vectors,
     normalize_answer,
     regions_to_map,
+    save_region_info,
     tokenize,
     vqa_accuracy,
     vqa_soft_scores,
@@ -301,8 +302,7 @@ def real(tmp_path):
         np.save(npy / f"COCO_val2014_{i:012d}.npy", f)
     boxes42 = np.array([[0, 0, 320, 240], [320, 240, 640, 480], [0, 0, 640, 480],
                         [10, 10, 20, 20]], dtype=np.float32)
-    np.save(npy / f"COCO_val2014_{42:012d}_info.npy", np.array(
-        {"bbox": boxes42, "num_boxes": 4, "image_w": 640, "image_h": 480}, dtype=object))
+    save_region_info(npy / f"COCO_val2014_{42:012d}_info.npy", boxes42, 640, 480)
     tsv = tmp_path / "feats.tsv"
     with open(tsv, "w") as fh:
         for i, f in feats.items():
@@ -392,13 +392,13 @@ def test_malformed_features(real):
         _open(real)
     np.save(missing, real["feats"][7])
     info = real["npy"] / f"COCO_val2014_{42:012d}_info.npy"
-    np.save(info, np.array({"bbox": np.zeros((4, 4)), "num_boxes": 4}, dtype=object))
-    with pytest.raises(ValueError, match="image_width"):
-        _open(real)[0]
+    np.save(info, np.zeros((), [("bbox", "<f4", (4, 4)), ("num_boxes", "<i8")]))
+    with pytest.raises(ValueError, match="missing image_width, image_height"):
+        _open(real)
     lines = real["tsv"].read_text().splitlines()
     real["tsv"].write_text("\n".join([lines[0][:-8]] + lines[1:]) + "\n")
     with pytest.raises(ValueError, match="feats.tsv"):
-        _open(real, "tsv")[0]
+        _open(real, "tsv")
     real["tsv"].write_text("42\t1\t2\n")
     with pytest.raises(ValueError, match="feats.tsv: line 1"):
         _open(real, "tsv")

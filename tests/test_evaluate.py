@@ -128,6 +128,53 @@ def test_bad_checkpoint_is_one_line_error(tmp_path):
     assert "\n" not in err and "Traceback" not in err and "not a readable checkpoint" in err
 
 
+def _newer_format(state):
+    state["format"] = ckpt.FORMAT + 1
+
+
+def _unknown_key(state):
+    state["model_config"]["attention_heads"] = 4
+
+
+def _nan_weight(state):
+    state["model"]["classifier.branches.0.0.parametrizations.weight.original1"][0, 0] = float(
+        "nan")
+
+
+def _other_width(state):
+    state["model_config"]["joint_dim"] = 48
+
+
+def _missing_key(state):
+    del state["model_config"]["vocab_size"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (_newer_format, f"checkpoint format {ckpt.FORMAT + 1} is newer than this version of "
+                    "sort_fast reads"),
+    (_unknown_key, "unknown model_config key 'attention_heads'"),
+    (_nan_weight, "weight 'classifier.branches.0.0.parametrizations.weight.original1' is not "
+                  "finite"),
+    (_other_width, "has shape"),
+    (_missing_key, "model_config has no 'vocab_size'"),
+], ids=["newer-format", "unknown-key", "nan-weight", "config-mismatch", "missing-key"])
+def test_unusable_checkpoint_is_one_line_naming_file_and_key(change, message, trained, tmp_path,
+                                                              capsys):
+    state = ckpt.load_checkpoint(trained / "checkpoint.pt")
+    change(state)
+    path = tmp_path / "checkpoint.pt"
+    ckpt.save_checkpoint({k: v for k, v in state.items() if k not in ("format", "sha256")},
+                         path)
+    if change is _newer_format:  # save_checkpoint writes the current format
+        state["sha256"] = ckpt.content_digest(state)
+        torch.save(state, path)
+    capsys.readouterr()
+    assert evaluate_main([str(path), "--out", str(tmp_path / "eval")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert message in err and str(path) in err
+
+
 def test_missing_checkpoint_and_bad_flag(tmp_path, capsys):
     for argv in ([str(tmp_path / "missing.pt")], [str(tmp_path), "--batch-groups", "-3"]):
         with pytest.raises(SystemExit) as e:

@@ -27,7 +27,7 @@ LEGACY_KEYS = (
 )
 TEMPLATE_KEYS = {"groups", "reasoning_accuracy", "sub_accuracy", "consistency",
                  "independent_consistency", "coupling", "yes_rate", "mode_share",
-                 "mode_consistency", "coupling_over_mode"}
+                 "mode_consistency", "coupling_over_mode", "prior_agreement"}
 
 
 @pytest.fixture(scope="module")
@@ -321,7 +321,7 @@ def test_legacy_metrics_are_unchanged_by_templates(data, model):
         "similarity_group_range_mean", "wpr_over_range"}
     assert set(broken_down) - set(plain) == {"per_template", "independent_consistency",
                                              "coupling", "mode_consistency",
-                                             "coupling_over_mode"}
+                                             "coupling_over_mode", "prior_agreement"}
     for key, value in plain.items():
         assert broken_down[key] == value, key
     assert all(isinstance(plain[k], int) for k in ("groups", "misranked_groups", "pairs"))

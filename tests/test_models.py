@@ -248,3 +248,45 @@ def test_pythia_sizes():
     with torch.device("meta"):  # build without allocating the ~100M parameters
         model = PythiaVQA(cfg)
     assert model.classifier.branches[1][3].out_features == 3129
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_packed_lstm_is_pack_padded_sequence_bit_for_bit(seed):
+    """The question encoder packs with the host-side plan of collate (no index tensor copied
+    between host and device): the LSTM outputs and every gradient are the bits of
+    ``pack_padded_sequence(enforce_sorted=False)`` / ``pad_packed_sequence`` (one CPU thread,
+    as the trainer runs; ties in length included)."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    from sort_fast.data.group import lstm_packing
+
+    gen = torch.Generator().manual_seed(seed)
+    lstm = nn.LSTM(12, 16, batch_first=True)
+    width = 9
+    lengths = torch.randint(1, width + 1, (40,), generator=gen)
+    x = torch.randn(40, width, 12, generator=gen)
+    upstream = torch.randn(40, width, 16, generator=gen)
+    rows, batch_sizes = lstm_packing(lengths.tolist(), width)
+    encoder = PythiaVQA(PythiaConfig(5, 3, embed_dim=12, text_hidden=16)).question_encoder
+    encoder.lstm = lstm
+
+    def run(packed: bool):
+        leaf = x.clone().requires_grad_()
+        if packed:
+            hidden = encoder._packed_lstm(leaf, torch.tensor(rows), batch_sizes)
+        else:
+            sequence = pack_padded_sequence(leaf, lengths, batch_first=True, enforce_sorted=False)
+            hidden = pad_packed_sequence(lstm(sequence)[0], batch_first=True,
+                                         total_length=width)[0]
+        return (hidden, *torch.autograd.grad((hidden * upstream).sum(),
+                                             [leaf, *lstm.parameters()]))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        got, want = run(True), run(False)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    with pytest.raises(ValueError, match="lengths must be in 1..9"):
+        lstm_packing([3, 0], width)

@@ -1,9 +1,11 @@
 """Reliability of training runs: checksummed checkpoints, the run-folder lock, SIGINT/SIGTERM
 (save, print the resume command, resume bit-for-bit), write failures, stale temporary files,
-``--overwrite`` and resuming a finished run."""
+``--overwrite``, resuming a finished run (and completing its report) and refusing a resume on
+changed data."""
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shlex
@@ -21,6 +23,8 @@ import torch
 from sort_fast.evaluate import main as evaluate_main
 from sort_fast.train import main
 from sort_fast.training import checkpoint as ckpt
+from sort_fast.training import data as training_data
+from sort_fast.training import plots
 from sort_fast.training.config import CLIError
 
 from test_train import TINY, assert_same_params, metrics, params, run, steps_logged
@@ -156,16 +160,165 @@ def test_resuming_a_finished_run_keeps_its_report(reference, tmp_path, capsys):
     assert (out / "metrics.json").read_text() == report
 
 
+REPORT = ("metrics.json", "table1.md", *plots.PLOTS, plots.CURVES)
+
+
+@pytest.mark.parametrize("damage", ["killed while plotting", "plot missing", "table missing"])
+def test_resuming_a_finished_run_completes_its_report(damage, reference, tmp_path, monkeypatch,
+                                                      capsys):
+    """A run stopped while writing its report (Ctrl-C in the plots), or whose report lacks a
+    file: --resume evaluates again and writes the whole report, as the uninterrupted run's,
+    with one final evaluation in log.jsonl."""
+    out = tmp_path / "run"
+    if damage == "killed while plotting":
+        plot_all = plots.plot_all
+
+        def interrupted(result, out_dir, method):
+            plots._quadrants(result, out_dir / plots.PLOTS[0], method)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(plots, "plot_all", interrupted)
+        assert run(out, *FLAGS) == 130
+        monkeypatch.setattr(plots, "plot_all", plot_all)
+    else:
+        shutil.copytree(reference, out)
+        (out / ("examples.png" if damage == "plot missing" else "table1.md")).unlink()
+    capsys.readouterr()
+    assert run(out, *FLAGS, "--resume") == 0
+    assert "| Pythia + SOrT (SQ + IQ) |" in capsys.readouterr().out
+    assert "already finished" not in (out / "train.log").read_text()
+    for name in REPORT:
+        assert (out / name).stat().st_size > 0, name
+    assert metrics(out) == metrics(reference)
+    assert (out / "table1.md").read_text() == (reference / "table1.md").read_text()
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [(r["event"], r["step"]) for r in records] == [
+        *(("train", s) for s in range(1, STEPS + 1)), ("eval", STEPS)]
+
+
 def test_overwrite_removes_the_old_report(tmp_path, capsys):
     out = tmp_path / "run"
     assert run(out, "--max-steps", "1", "--eval-every", "0") == 0
     empty = tmp_path / "no-hat"
     empty.mkdir()
-    # a fresh start that fails after taking the folder: the old report is gone all the same
+    # a fresh start that fails after taking the folder: the old run is gone all the same
     assert run(out, "--max-steps", "1", "--overwrite", "--hat-dir", str(empty)) == 2
     assert "no VQA-HAT map" in error_line(capsys)
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoint.pt", "train.log"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "train.log"]
     assert "trained 1 steps" not in (out / "train.log").read_text()  # the new run's log only
+
+
+def test_overwrite_killed_before_its_first_checkpoint_leaves_no_old_run(tmp_path, monkeypatch,
+                                                                        capsys):
+    """--overwrite removes the old run (checkpoint, log, report, the evaluator's report)
+    before it logs anything: killed at its first step, it leaves nothing --resume could
+    continue, so no log mixes the two runs."""
+    from sort_fast.training import objective as obj
+
+    out = tmp_path / "run"
+    assert run(out, "--max-steps", "3", "--eval-every", "0", "--no-plots") == 0
+    assert evaluate_main([str(out), "--no-plots"]) == 0
+    assert (out / "eval" / "metrics.json").exists()
+
+    def killed(self, model, batch):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(obj.Objective, "__call__", killed)
+    assert run(out, "--max-steps", "2", "--overwrite", "--seed", "1") == 130
+    monkeypatch.undo()
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "train.log"]
+    capsys.readouterr()
+    assert run(out, "--max-steps", "2", "--resume") == 2
+    assert "checkpoint.pt does not exist" in error_line(capsys)
+
+
+def write_real_data(root: Path, sub_answer: str = "yes") -> list:
+    """Tiny VQA-Introspect / VQAv2 / .npy files (one image, one group) and the trainer's data
+    flags for them (training and validation on the same files). The answers "yes" (the
+    reasoning question's 10) and "red" (the other question's 10) plus ``sub_answer`` make the
+    answer vocabulary: ``sub_answer`` comes first."""
+    import numpy as np
+
+    root.mkdir(exist_ok=True)
+    files = {
+        "introspect": {"101": {"reasoning_question": "Is it safe to cross?", "image_id": 42,
+                               "reasoning_answer_most_common": "yes",
+                               "introspect": [{"pred_q_type": "perception", "sub_qa": [
+                                   {"sub_question": "Is the light green?",
+                                    "sub_answer": sub_answer}]}]}},
+        "questions": {"questions": [{"question_id": 101, "image_id": 42,
+                                     "question": "Is it safe to cross?"},
+                                    {"question_id": 102, "image_id": 42,
+                                     "question": "What colour is the bus?"}]},
+        "annotations": {"annotations": [
+            {"question_id": q, "image_id": 42, "multiple_choice_answer": a,
+             "answers": [{"answer_id": k, "answer": a} for k in range(10)]}
+            for q, a in ((101, "yes"), (102, "red"))]},
+    }
+    for name, content in files.items():
+        (root / f"{name}.json").write_text(json.dumps(content))
+    (root / "features").mkdir(exist_ok=True)
+    np.save(root / "features" / "COCO_val2014_000000000042.npy",
+            np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32))
+    paths = [str(root / f"{n}.json") for n in files] + [str(root / "features")]
+    return [x for prefix in ("--", "--val-") for flag, path in zip(
+        ("introspect", "vqa-questions", "vqa-annotations", "features"), paths)
+        for x in (prefix + flag, path)]
+
+
+@pytest.fixture
+def noisier_synthetic_generator(monkeypatch):
+    """The synthetic benchmark's generator changed (more noise), seed and design as before."""
+    class Noisier(training_data.SyntheticIntrospect):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "noise": 0.31})
+
+    training_data.synthetic_split.cache_clear()
+    monkeypatch.setattr(training_data, "SyntheticIntrospect", Noisier)
+    yield
+    monkeypatch.undo()
+    training_data.synthetic_split.cache_clear()
+
+
+def test_resume_refuses_a_changed_synthetic_generator(tmp_path, request, capsys):
+    out = tmp_path / "run"
+    assert run(out, "--max-steps", "2", "--eval-every", "0", "--no-plots") == 0
+    request.getfixturevalue("noisier_synthetic_generator")
+    capsys.readouterr()
+    assert run(out, "--max-steps", "3", "--resume") == 2
+    err = error_line(capsys)
+    assert f"cannot resume {out / 'checkpoint.pt'}: its training data differ" in err
+    assert "vocabulary" not in err  # the same words, other groups
+    assert ckpt.load_checkpoint(out / "checkpoint.pt")["step"] == 2
+
+
+def test_resume_refuses_changed_data_files(tmp_path, capsys):
+    """The same answers in another order (a sub-answer changed in the data files): the answer
+    vocabulary (what the classifier's outputs mean) and the training data differ from the
+    checkpoint's."""
+    data = tmp_path / "data"
+    flags = write_real_data(data)
+    out = tmp_path / "run"
+    assert run(out, *flags, "--max-steps", "1", "--no-plots") == 0
+    write_real_data(data, sub_answer="red")
+    capsys.readouterr()
+    assert run(out, "--max-steps", "2", "--resume") == 2
+    err = error_line(capsys)
+    assert "its answer vocabulary, training data differ from this run's data" in err
+    write_real_data(data)  # the data restored: the run continues
+    assert run(out, "--max-steps", "2", "--resume") == 0
+
+
+def test_checkpoint_without_fingerprint_resumes_with_a_warning(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(out, "--max-steps", "1", "--eval-every", "0", "--no-plots") == 0
+    state = ckpt.load_checkpoint(out / "checkpoint.pt")
+    del state["data_fingerprint"], state["sha256"], state["format"]
+    ckpt.save_checkpoint(state, out / "checkpoint.pt")
+    capsys.readouterr()
+    assert run(out, "--max-steps", "2", "--resume") == 0
+    assert "has no data fingerprint" in capsys.readouterr().err
+    assert "data_fingerprint" in ckpt.load_checkpoint(out / "checkpoint.pt")
 
 
 @pytest.mark.parametrize("failure", [

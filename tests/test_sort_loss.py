@@ -131,3 +131,35 @@ def test_role_bce_objective_is_sort_without_its_gradcam_term():
     torch.testing.assert_close(control, 0.5 * control_parts["bce_reasoning"]
                                + 2.0 * control_parts["bce_sub"]
                                + 3.0 * control_parts["bce_irrelevant"])
+
+
+def test_layout_changed_behind_the_version_counter_is_refused():
+    """Issue 23, D10: a collated batch's layout written through numpy (which shares the
+    memory) or through ``.data`` moves no version counter; the remembered validation must not
+    let the loss run on it (it gave a loss of [0.0, 0.0])."""
+    from sort_fast import contrastive_gradient_loss
+    from sort_fast.data import SyntheticIntrospect, collate_groups
+    from sort_fast.heads import pythia_classifier
+    from sort_fast.ops.head_gradcam import head_gradcam
+
+    batch = collate_groups(list(SyntheticIntrospect(seed=0, split="val", num_groups=2)))
+    gen = torch.Generator().manual_seed(0)
+    grad = torch.randn(batch.num_questions, 6, generator=gen)
+    act = torch.randn(batch.num_questions, 6, generator=gen)
+    before = contrastive_gradient_loss(grad, act, batch.offsets, batch.num_sub, reduction="none")
+    assert bool((before > 0).any())
+    batch.num_sub.numpy()[:] = [3, 0]
+    with pytest.raises(ValueError, match="group 1 has num_sub=0"):
+        contrastive_gradient_loss(grad, act, batch.offsets, batch.num_sub, reduction="none")
+    batch.num_sub.numpy()[:] = [1, 1]
+    contrastive_gradient_loss(grad, act, batch.offsets, batch.num_sub)  # valid again
+    batch.offsets.data[1] = batch.offsets[2] + 1
+    with pytest.raises(ValueError, match="strictly increasing"):
+        contrastive_gradient_loss(grad, act, batch.offsets, batch.num_sub)
+    head = pythia_classifier(6, 4, 4, 5)
+    head_gradcam(head, act, batch.classes.clamp(max=4))
+    classes = batch.classes.clamp(max=4)
+    head_gradcam(head, act, classes)
+    classes.data[0] = 7
+    with pytest.raises(ValueError, match="classes\\[0\\]=7"):
+        head_gradcam(head, act, classes)

@@ -1,6 +1,7 @@
 """Static GPU check (no GPU needed): every kernel launch of the Pythia-size workload compiles
 for sm_75/80/90 with Triton's compiler and ptxas, without spills, with 128-bit global accesses
-in the loss kernels and tensor-core instructions in the head kernel."""
+in the loss kernels, tensor-core instructions in the head kernel and float64 scalar parameters
+in the float64 loss kernels."""
 import json
 import os
 import subprocess
@@ -50,3 +51,22 @@ def test_head_kernel_uses_tensor_cores(records):
     for r in head:
         assert (r["wgmma"] if r["arch"] >= 90 else r["mma"]) > 0, r
         assert r["widest_load_bits"] == 128 and r["fma_f32"] == 0, r
+
+
+LOSS_KERNELS = {"_gradcam_cosine_fwd_partial_kernel", "_gradcam_cosine_fwd_finish_kernel",
+                "_gradcam_cosine_bwd_kernel"}
+
+
+def test_float64_loss_kernels_take_no_fp32_scalar(records):
+    """``margin``/``eps`` reach the float64 kernels as ``.param .f64`` (a Python float would be
+    an fp32 parameter, rounded: 0.3 -> 0.30000001192); no kernel has an fp32 scalar left."""
+    fp64 = [r for r in records if r["variant"].startswith("fp64")]
+    assert {r["kernel"] for r in fp64} == LOSS_KERNELS
+    assert {r["arch"] for r in fp64} == {75, 80, 90}
+    for r in records:
+        assert r["f32_params"] == 0, r
+    scalars = {"_gradcam_cosine_fwd_finish_kernel": 2, "_gradcam_cosine_bwd_kernel": 1,
+               "_gradcam_cosine_fwd_partial_kernel": 0}  # (margin, eps), (eps), none
+    for r in records:
+        if r["kernel"] in scalars:
+            assert r["f64_params"] == scalars[r["kernel"]], r

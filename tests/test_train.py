@@ -379,6 +379,67 @@ def test_non_finite_loss_stops_before_the_next_save(tmp_path, monkeypatch, capsy
     assert steps_logged(out) == [1, 2]
 
 
+class NanGradient(torch.autograd.Function):
+    """The identity whose backward turns every gradient into NaN: a finite loss with a NaN
+    gradient."""
+
+    @staticmethod
+    def forward(ctx, loss: torch.Tensor) -> torch.Tensor:
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad * float("nan")
+
+
+@pytest.mark.parametrize("grad_clip", ["0.25", "0"], ids=["clipped", "unclipped"])
+def test_non_finite_gradient_never_reaches_a_checkpoint(grad_clip, tmp_path, monkeypatch,
+                                                        capsys):
+    """A finite loss with a NaN gradient at step 4, a save due at step 4: the run stops naming
+    step 4 (from the clipped gradient norm, or without clipping from the weights checked before
+    the save) and the checkpoint of step 2 stays, with finite weights."""
+    from sort_fast.training import objective as obj
+
+    original, calls = obj.Objective.__call__, []
+
+    def nan_gradient_at_step_4(self, model, batch):
+        loss, parts = original(self, model, batch)
+        calls.append(1)
+        return (NanGradient.apply(loss) if len(calls) == 4 else loss), parts
+
+    monkeypatch.setattr(obj.Objective, "__call__", nan_gradient_at_step_4)
+    out = tmp_path / "run"
+    assert run(out, "--max-steps", "6", "--save-every", "2", "--log-every", "10",
+               "--eval-every", "0", "--grad-clip", grad_clip) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if ": error: " in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    expected = ("the gradient is not finite at step 4" if grad_clip != "0" else
+                "the weights are not finite after step 4")
+    assert expected in lines[0] and "the checkpoint of step 2 is kept" in lines[0]
+    state = ckpt.load_checkpoint(out / "checkpoint.pt")
+    assert state["step"] == 2
+    assert all(bool(torch.isfinite(w).all()) for w in state["model"].values())
+
+
+def test_fine_tuning_resumes_without_its_init_file(tmp_path):
+    """--resume takes the weights from the run's own checkpoint: the --init file may be gone,
+    and the resumed fine-tuning ends as an uninterrupted one."""
+    pretrained = tmp_path / "pretrained"
+    assert run(pretrained, "--max-steps", "2", "--eval-every", "0", "--no-plots",
+               "--loss", "bce") == 0
+    init = tmp_path / "init.pt"
+    (pretrained / "checkpoint.pt").rename(init)
+    flags = ["--init", str(init), "--eval-every", "0", "--no-plots"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert run(whole, *flags, "--max-steps", "4") == 0
+    assert run(resumed, *flags, "--max-steps", "2") == 0
+    init.unlink()
+    assert run(resumed, "--max-steps", "4", "--resume") == 0
+    assert_same_params(params(whole), params(resumed))
+    assert metrics(whole) == metrics(resumed)
+
+
 def test_bf16_autocast_run(tmp_path):
     out = tmp_path / "run"
     assert run(out, "--max-steps", "3", "--eval-every", "0", "--amp", "bf16") == 0

@@ -1,5 +1,5 @@
 """Data: groups, packed batches, the embedded synthetic benchmark and real-format readers."""
-from .features import RegionFeatures, open_region_features
+from .features import RegionFeatures, open_region_features, save_region_info
 from .group import Group, PackedBatch, collate_groups
 from .hat import load_hat_maps, regions_to_map
 from .introspect import IntrospectDataset
@@ -23,6 +23,7 @@ __all__ = [
     "IntrospectDataset",
     "RegionFeatures",
     "open_region_features",
+    "save_region_info",
     "load_hat_maps",
     "regions_to_map",
     "PAD",

@@ -1,28 +1,34 @@
 """Bottom-up-attention region features (docs/data_formats.md): a directory of per-image
-``.npy`` files (with optional ``_info.npy``) or the original TSV. Both index the files once and
-read one image on demand."""
+``.npy`` files (with optional ``_info.npy``) or the original TSV. Both index the files once,
+check every image before training and read one image on demand."""
 from __future__ import annotations
 
 import base64
 import binascii
 import os
 import re
-from pathlib import Path
 from abc import ABC, abstractmethod
-from typing import Dict, Iterable, Optional, Tuple
+from pathlib import Path
+from typing import BinaryIO, Dict, Iterable, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["RegionFeatures", "open_region_features"]
+__all__ = ["RegionFeatures", "open_region_features", "save_region_info"]
 
 _NPY_NAME = re.compile(r"(\d+)\.npy$")
 TSV_FIELDS = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
+# the fields of the 0-d structured array in an ``_info.npy`` (docs/data_formats.md): the
+# dtype kinds allowed and what they mean
+_INFO_FIELDS = {"bbox": ("iuf", "a [num_boxes, 4] number array"),
+                "num_boxes": ("iu", "an integer"), "image_width": ("iuf", "a number"),
+                "image_height": ("iuf", "a number")}
 
 
 class RegionFeatures(ABC):
     """``reader[image_id] -> (features [R, F] float32, boxes [R, 4] float32)`` with boxes as
     fractions of the image size (zeros when the size or the boxes are unknown). Every image
-    must have the feature width ``F`` of the first one read (``ValueError`` naming the file)."""
+    must have the feature width ``F > 0`` of the first one read (``ValueError`` naming the
+    file)."""
 
     _width: Optional[int] = None
 
@@ -33,8 +39,18 @@ class RegionFeatures(ABC):
     def __getitem__(self, image_id: int) -> Tuple[np.ndarray, np.ndarray]: ...
 
     def check_images(self, image_ids: Iterable[int]) -> None:
-        """Checks what can be checked cheaply for every image before training reads them one
-        by one (a ``.npy`` header: its shape and dtype); the full check runs on each read."""
+        """Reads and checks every image of ``image_ids`` as ``reader[image_id]`` does (finite
+        values, the box count, the image size, one feature width), so that bad data is refused
+        with a ``ValueError`` naming the file and image before training reads them."""
+        for image_id in image_ids:
+            self[image_id]
+
+    @property
+    def feature_dim(self) -> int:
+        """The feature width ``F`` of the images checked or read so far."""
+        if self._width is None:
+            raise ValueError("no image has been read yet")
+        return self._width
 
     def _same_width(self, path: Path, image_id: int, width: int) -> None:
         if self._width is None:
@@ -45,42 +61,89 @@ class RegionFeatures(ABC):
 
 
 def _check_finite(path: Path, image_id: int, what: str, values: np.ndarray) -> None:
-    bad = np.flatnonzero(~np.isfinite(values))
-    if bad.size:
-        raise ValueError(f"{path}: image {image_id} has {bad.size} NaN/inf {what} value(s), e.g. "
-                         f"{values.flat[bad[0]]} at flat index {bad[0]}")
+    finite = np.isfinite(values)
+    if finite.all():
+        return
+    bad = np.flatnonzero(~finite)
+    raise ValueError(f"{path}: image {image_id} has {bad.size} NaN/inf {what} value(s), e.g. "
+                     f"{values.flat[bad[0]]} at flat index {bad[0]}")
 
 
 def _normalised_boxes(path: Path, image_id: int, boxes: np.ndarray, n: int, width: float,
                       height: float) -> np.ndarray:
     boxes = np.asarray(boxes, dtype=np.float32)
     if boxes.size != n * 4:
-        raise ValueError(f"{path}: boxes must be [{n}, 4] for {n} regions, got {boxes.shape}")
+        raise ValueError(f"{path}: image {image_id} has {n} regions, so its boxes must be "
+                         f"[{n}, 4], got {boxes.shape}")
     boxes = boxes.reshape(n, 4)
     _check_finite(path, image_id, "box", boxes)
     if not (0 < width < np.inf and 0 < height < np.inf):
-        raise ValueError(f"{path}: image size must be positive and finite, got {width}x{height}")
+        raise ValueError(f"{path}: image {image_id}: image size must be positive and finite, "
+                         f"got {width}x{height}")
     return boxes / np.array([width, height, width, height], dtype=np.float32)
 
 
-def _check_shape(path: Path, features: np.ndarray) -> None:
-    if features.ndim != 2 or features.shape[0] == 0 or features.dtype.kind != "f":
-        raise ValueError(f"{path}: features must be a non-empty 2-D float array, got "
-                         f"{features.dtype} {features.shape}")
-
-
 def _checked_features(path: Path, image_id: int, features: np.ndarray) -> np.ndarray:
-    _check_shape(path, features)
+    if features.ndim != 2 or 0 in features.shape or features.dtype.kind != "f":
+        raise ValueError(f"{path}: image {image_id}: features must be a 2-D float array with at "
+                         f"least one region and one column, got {features.dtype} "
+                         f"{features.shape}")
     features = features.astype(np.float32, copy=False)
     _check_finite(path, image_id, "feature", features)
     return features
 
 
+def _info_boxes(info_path: Path, features_path: Path, image_id: int, n: int) -> np.ndarray:
+    """The boxes ``[n, 4]`` of an ``_info.npy`` (:func:`save_region_info`) as fractions of the image
+    size. Pickled files are refused without being unpickled (unpickling can run code)."""
+    try:
+        info = np.load(info_path, allow_pickle=False)
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise ValueError(f"{info_path}: a pickled info file, which sort_fast does not read "
+                             "(unpickling a file can run code); convert it to the structured "
+                             "array of docs/data_formats.md") from None
+        raise ValueError(f"{info_path}: not a readable info array ({e})") from None
+    except (OSError, EOFError, MemoryError) as e:
+        raise ValueError(f"{info_path}: not a readable info array ({e})") from None
+    names = info.dtype.names or ()
+    missing = [name for name in _INFO_FIELDS if name not in names]
+    if info.ndim != 0 or missing:
+        raise ValueError(f"{info_path}: must be a 0-d structured array with the fields "
+                         f"{', '.join(_INFO_FIELDS)}; got shape {info.shape}, missing "
+                         f"{', '.join(missing) or 'none'}")
+    for name, (kinds, what) in _INFO_FIELDS.items():
+        value = info[name]
+        if value.dtype.kind not in kinds or (name != "bbox" and value.ndim != 0):
+            raise ValueError(f"{info_path}: {name} must be {what}, got {value.dtype} of shape "
+                             f"{value.shape}")
+    if int(info["num_boxes"]) != n:
+        raise ValueError(f"{info_path}: num_boxes={int(info['num_boxes'])} but "
+                         f"{features_path.name} (image {image_id}) has {n} regions")
+    return _normalised_boxes(info_path, image_id, info["bbox"], n, float(info["image_width"]),
+                             float(info["image_height"]))
+
+
+def save_region_info(path: "os.PathLike[str] | str", boxes: np.ndarray, image_width: float,
+                     image_height: float) -> None:
+    """Writes an ``_info.npy`` as :class:`NpyFeatures` reads it: a 0-d structured array with
+    ``bbox`` ``[R, 4]`` float32 (x1, y1, x2, y2 in pixels), ``num_boxes`` = R and the image
+    size ``image_width``/``image_height`` (float64). No pickle."""
+    boxes = np.asarray(boxes, dtype=np.float32)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"{path}: boxes must be [R, 4], got {boxes.shape}")
+    info = np.zeros((), np.dtype([("bbox", np.float32, boxes.shape), ("num_boxes", np.int64),
+                                  ("image_width", np.float64), ("image_height", np.float64)]))
+    info["bbox"], info["num_boxes"] = boxes, boxes.shape[0]
+    info["image_width"], info["image_height"] = image_width, image_height
+    with open(path, "wb") as f:  # a file object: np.save would append .npy to other names
+        np.save(f, info, allow_pickle=False)
+
+
 class NpyFeatures(RegionFeatures):
     """One ``<name><image_id>.npy`` per image (e.g. ``COCO_val2014_000000000042.npy``) with an
-    optional ``<same name>_info.npy`` (0-d object array of a dict: ``bbox`` ``[R, 4]`` x1 y1 x2
-    y2 in pixels, ``num_boxes``, ``image_width``/``image_height`` or ``image_w``/``image_h``).
-    Two files for one image id raise ``ValueError``."""
+    optional ``<same name>_info.npy`` (:func:`save_region_info`). Two files for one image id
+    raise ``ValueError``."""
 
     def __init__(self, directory: "os.PathLike[str] | str") -> None:
         self.directory = Path(directory)
@@ -98,21 +161,11 @@ class NpyFeatures(RegionFeatures):
     def __contains__(self, image_id: int) -> bool:
         return image_id in self._files
 
-    def check_images(self, image_ids: Iterable[int]) -> None:
-        for image_id in image_ids:
-            path = self._files[image_id]
-            try:
-                header = np.load(path, mmap_mode="r", allow_pickle=False)
-            except (OSError, EOFError, ValueError) as e:
-                raise ValueError(f"{path}: not a readable feature array ({e})") from None
-            _check_shape(path, header)
-            self._same_width(path, image_id, header.shape[1])
-
     def __getitem__(self, image_id: int) -> Tuple[np.ndarray, np.ndarray]:
         path = self._files[image_id]
         try:
             raw = np.load(path, allow_pickle=False)
-        except (OSError, EOFError, ValueError) as e:
+        except (OSError, EOFError, ValueError, MemoryError) as e:  # a header claiming too much
             raise ValueError(f"{path}: not a readable feature array ({e})") from None
         features = _checked_features(path, image_id, raw)
         self._same_width(path, image_id, features.shape[1])
@@ -120,26 +173,7 @@ class NpyFeatures(RegionFeatures):
         info_path = path.with_name(path.stem + "_info.npy")
         if not info_path.exists():
             return features, np.zeros((n, 4), dtype=np.float32)
-        try:
-            info = np.load(info_path, allow_pickle=True)[()]
-        except (OSError, EOFError, ValueError, IndexError) as e:
-            raise ValueError(f"{info_path}: not a readable info array ({e})") from None
-        if not isinstance(info, dict) or "bbox" not in info:
-            raise ValueError(f"{info_path}: must hold a dict with 'bbox', got {type(info).__name__}")
-        num_boxes = info.get("num_boxes", n)
-        try:
-            whole = int(num_boxes) == num_boxes
-        except (TypeError, ValueError):
-            whole = False
-        if not whole or int(num_boxes) != n:
-            raise ValueError(f"{info_path}: num_boxes={num_boxes!r} but {path.name} has "
-                             f"{n} regions")
-        width = info.get("image_width", info.get("image_w"))
-        height = info.get("image_height", info.get("image_h"))
-        if width is None or height is None:
-            raise ValueError(f"{info_path}: needs image_width/image_height (or image_w/image_h)")
-        return features, _normalised_boxes(info_path, image_id, info["bbox"], n, float(width),
-                                           float(height))
+        return features, _info_boxes(info_path, path, image_id, n)
 
 
 class TsvFeatures(RegionFeatures):
@@ -170,10 +204,10 @@ class TsvFeatures(RegionFeatures):
     def __contains__(self, image_id: int) -> bool:
         return image_id in self._offsets
 
-    def __getitem__(self, image_id: int) -> Tuple[np.ndarray, np.ndarray]:
-        with open(self.path, "rb") as f:
-            f.seek(self._offsets[image_id])
-            fields = f.readline().rstrip(b"\r\n").split(b"\t")
+    def _read(self, f: BinaryIO, image_id: int) -> Tuple[np.ndarray, np.ndarray]:
+        """The row of ``image_id`` from the open TSV ``f``."""
+        f.seek(self._offsets[image_id])
+        fields = f.readline().rstrip(b"\r\n").split(b"\t")
         try:
             width, height, n = float(fields[1]), float(fields[2]), int(fields[3])
             boxes = np.frombuffer(base64.b64decode(fields[4], validate=True), dtype=np.float32)
@@ -188,6 +222,19 @@ class TsvFeatures(RegionFeatures):
         self._same_width(self.path, image_id, features.shape[1])
         return features, _normalised_boxes(self.path, image_id, boxes, n, width, height)
 
+    def check_images(self, image_ids: Iterable[int]) -> None:
+        """As :meth:`RegionFeatures.check_images`, reading the rows in file order."""
+        try:
+            with open(self.path, "rb") as f:
+                for image_id in sorted(image_ids, key=self._offsets.__getitem__):
+                    self._read(f, image_id)
+        except OSError as e:
+            raise ValueError(f"{self.path}: cannot read the feature TSV ({e})") from None
+
+    def __getitem__(self, image_id: int) -> Tuple[np.ndarray, np.ndarray]:
+        with open(self.path, "rb") as f:
+            return self._read(f, image_id)
+
 
 def open_region_features(source: "os.PathLike[str] | str") -> RegionFeatures:
     """A directory of ``.npy`` files or a ``.tsv`` file."""
@@ -198,4 +245,3 @@ def open_region_features(source: "os.PathLike[str] | str") -> RegionFeatures:
         return TsvFeatures(path)
     raise ValueError(f"{path}: region features must be a directory of .npy files or a .tsv file "
                      "and this path does not exist")
-

@@ -11,7 +11,8 @@ import torch
 
 from ..layout import carry_facts, check_layout, class_range
 
-__all__ = ["Group", "PackedBatch", "collate_groups", "distinct_questions", "image_slots"]
+__all__ = ["Group", "PackedBatch", "collate_groups", "distinct_questions", "image_slots",
+           "lstm_packing"]
 
 
 @dataclass
@@ -81,12 +82,19 @@ class PackedBatch:
     What the model would otherwise find on the device (with host syncs) in every forward,
     :func:`collate_groups` also records: ``question_first [U]`` (first row of each distinct
     ``(tokens, length)`` question, ordered by length then tokens), ``question_inverse [T]``
-    (the distinct question of every row), ``distinct_lengths`` (``U`` ints, for the LSTM's
-    packing), ``image_slot [T]`` (position of each question among its image's questions) and
-    ``max_per_image``. ``None`` where unknown: the model then computes them itself. They are
-    derived from ``question_tokens``, ``question_lengths`` and ``image_index``: change those
-    with :meth:`replace`, which drops what they invalidate (``dataclasses.replace`` keeps stale
-    values; a row count that no longer matches raises ``ValueError``).
+    (the distinct question of every row), ``distinct_lengths`` (``U`` ints), the LSTM's
+    packing of the distinct questions (:func:`lstm_packing`: ``lstm_rows [P]``, a tensor that
+    travels with the batch, and ``lstm_batch_sizes``, ``L`` host ints), ``image_slot [T]``
+    (position of each question among its image's questions) and ``max_per_image``. ``None``
+    where unknown: the model then computes them itself (reading the lengths back from the
+    device). They are derived from ``question_tokens``, ``question_lengths`` and
+    ``image_index``: change those with :meth:`replace`, which drops what they invalidate
+    (``dataclasses.replace`` keeps stale values; a row count that no longer matches raises
+    ``ValueError``).
+
+    A batch padded to a static shape (:func:`~sort_fast.data.buckets.pad_to_shape`) has
+    ``static_shape=True`` and ``group_valid [N]`` bool (False for the padding groups, which
+    the losses leave out); ``group_valid=None``: every group is real.
     """
 
     question_tokens: torch.Tensor
@@ -106,8 +114,12 @@ class PackedBatch:
     question_first: Optional[torch.Tensor] = None
     question_inverse: Optional[torch.Tensor] = None
     distinct_lengths: Optional[List[int]] = None
+    lstm_rows: Optional[torch.Tensor] = None
+    lstm_batch_sizes: Optional[List[int]] = None
     image_slot: Optional[torch.Tensor] = None
     max_per_image: Optional[int] = None
+    group_valid: Optional[torch.Tensor] = None
+    static_shape: bool = False
 
     def __post_init__(self) -> None:
         rows = self.question_tokens.shape[0]
@@ -116,13 +128,24 @@ class PackedBatch:
             if value is not None and value.shape != (rows,):
                 raise ValueError(f"PackedBatch.{name} has shape {tuple(value.shape)} for {rows} "
                                  "question rows: it is stale (use PackedBatch.replace)")
+        if self.group_valid is not None and self.group_valid.shape != self.num_sub.shape:
+            raise ValueError(f"PackedBatch.group_valid has shape {tuple(self.group_valid.shape)}"
+                             f" for {self.num_sub.numel()} groups")
+        if (self.lstm_rows is None) != (self.lstm_batch_sizes is None) or (
+                self.lstm_rows is not None
+                and (self.lstm_rows.shape != (sum(self.lstm_batch_sizes),)
+                     or len(self.lstm_batch_sizes) > self.question_tokens.shape[1])):
+            raise ValueError("PackedBatch.lstm_rows and lstm_batch_sizes do not describe one "
+                             "packing of the question tokens: they are stale (use "
+                             "PackedBatch.replace)")
 
     def replace(self, **changes) -> "PackedBatch":
         """A copy with ``changes``; the derived question and image-slot fields are dropped
         when a field they derive from changes."""
         if {"question_tokens", "question_lengths"} & changes.keys():
             changes = {"question_first": None, "question_inverse": None,
-                       "distinct_lengths": None, **changes}
+                       "distinct_lengths": None, "lstm_rows": None, "lstm_batch_sizes": None,
+                       **changes}
         if "image_index" in changes:
             changes = {"image_slot": None, "max_per_image": None, **changes}
         return dataclasses.replace(self, **changes)
@@ -153,7 +176,8 @@ class PackedBatch:
         return out
 
     def to(self, device: Union[str, torch.device], non_blocking: bool = False) -> "PackedBatch":
-        """The same batch with every tensor on ``device``."""
+        """The same batch with every tensor on ``device`` (from a pinned batch with
+        ``non_blocking=True``: an asynchronous copy, no stream sync)."""
         return self._map_validated(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "PackedBatch":
@@ -232,6 +256,7 @@ def collate_groups(groups: Sequence[Group]) -> PackedBatch:
     classes = targets.argmax(1)
     class_range(classes)
     first, inverse, distinct_lengths = distinct_questions(tokens)
+    lstm_rows, lstm_batch_sizes = lstm_packing(distinct_lengths, question_tokens.shape[1])
     slot, max_per_image = image_slots(image_index)
     return PackedBatch(
         question_tokens=question_tokens,
@@ -251,6 +276,8 @@ def collate_groups(groups: Sequence[Group]) -> PackedBatch:
         question_first=torch.tensor(first, dtype=torch.int64),
         question_inverse=torch.tensor(inverse, dtype=torch.int64),
         distinct_lengths=distinct_lengths,
+        lstm_rows=torch.tensor(lstm_rows, dtype=torch.int64),
+        lstm_batch_sizes=lstm_batch_sizes,
         image_slot=torch.tensor(slot, dtype=torch.int64),
         max_per_image=max_per_image,
     )
@@ -269,6 +296,21 @@ def distinct_questions(tokens: Sequence[Sequence[int]]) -> Tuple[List[int], List
         if first[u] < 0:
             first[u] = row
     return first, inverse, [key[0] for key in order]
+
+
+def lstm_packing(lengths: Sequence[int], width: int) -> Tuple[List[int], List[int]]:
+    """How ``torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
+    enforce_sorted=False)`` packs ``x [B, width, ...]``, found on the host: ``rows [P]``, the
+    flat index ``b * width + t`` into ``x.flatten(0, 1)`` of every packed element (time step by
+    time step, sequences in the order of ``torch.sort(lengths, descending=True)``, as PyTorch
+    sorts them), and ``batch_sizes [max(lengths)]`` (sequences still running at each step).
+    Packing ``x`` is then ``x.flatten(0, 1)[rows]``, with no device read."""
+    if any(n < 1 or n > width for n in lengths):
+        raise ValueError(f"sequence lengths must be in 1..{width}, got {list(lengths)}")
+    order = torch.sort(torch.as_tensor(lengths, dtype=torch.int64), descending=True)[1].tolist()
+    batch_sizes = [sum(1 for n in lengths if n > t) for t in range(max(lengths, default=0))]
+    rows = [order[b] * width + t for t, size in enumerate(batch_sizes) for b in range(size)]
+    return rows, batch_sizes
 
 
 def image_slots(image_index: Sequence[int]) -> Tuple[List[int], int]:

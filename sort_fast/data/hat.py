@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Collection, Dict, List, Optional
@@ -16,6 +17,9 @@ __all__ = ["load_hat_maps", "regions_to_map"]
 _HAT_NAME = re.compile(r"^(\d+)_(\d+)\.png$")
 # Pillow opens 16-bit grey PNGs as "I;16" (older versions as "I"); PNG samples have <= 16 bits
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")
+# the largest map decoded (VQA-HAT maps are image-sized, well below this); a header claiming
+# more is refused before any pixel is decoded
+MAX_HAT_PIXELS = 4096 * 4096
 
 
 def _grey(img: Image.Image, size: int) -> np.ndarray:
@@ -32,7 +36,8 @@ def load_hat_maps(directory: "os.PathLike[str] | str", size: int = 14,
     """``{question_id: [size, size] float32 in [0, 1]}``: every ``{question_id}_{k}.png`` of
     ``directory`` (8- or 16-bit, scaled by its bit depth) resized (bilinear) to ``size x size``,
     then averaged over ``k``.
-    ``question_ids`` restricts the questions read."""
+    ``question_ids`` restricts the questions read. An unreadable PNG, or one whose header claims
+    more than ``MAX_HAT_PIXELS`` pixels, is a ``ValueError`` naming the file."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"{directory}: VQA-HAT maps must be a directory of PNGs")
@@ -46,8 +51,17 @@ def load_hat_maps(directory: "os.PathLike[str] | str", size: int = 14,
         total = np.zeros((size, size), dtype=np.float32)
         for path in paths:
             try:
-                with Image.open(path) as img:
+                with warnings.catch_warnings():  # Pillow warns past its own limit; we refuse
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    img = Image.open(path)  # reads the header only
+                with img:
+                    if img.width * img.height > MAX_HAT_PIXELS:
+                        raise ValueError(f"{path}: its header claims {img.width}x{img.height} "
+                                         f"pixels, more than the {MAX_HAT_PIXELS} read for an "
+                                         "attention map")
                     total += _grey(img, size)
+            except Image.DecompressionBombError as e:
+                raise ValueError(f"{path}: its header claims too many pixels ({e})") from None
             except (OSError, UnidentifiedImageError) as e:
                 raise ValueError(f"{path}: not a readable PNG ({e})") from None
         maps[qid] = total / len(paths)

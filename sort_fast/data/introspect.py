@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -15,14 +16,30 @@ __all__ = ["IntrospectDataset"]
 PathLike = Union[str, "os.PathLike[str]"]
 # ground-truth answer and the human answers (one answer for sub-questions), normalised
 Answers = Tuple[str, Tuple[str, ...]]
+# a VQAv2 question id as VQA-Introspect writes its keys: ASCII digits, no leading zero
+_QUESTION_ID = re.compile(r"0|[1-9][0-9]*")
+
+
+class _RepeatedKey(Exception):
+    """A key that occurs twice in one JSON object (``json`` would keep only the last)."""
+
+
+def _unique_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    """``object_pairs_hook`` of :func:`_load_json`: the object, refusing a repeated key."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _RepeatedKey(next(k for k, n in Counter(k for k, _ in pairs).items() if n > 1))
+    return obj
 
 
 def _load_json(path: PathLike) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            return json.load(f, object_pairs_hook=_unique_keys)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: cannot read JSON ({e})") from None
+    except _RepeatedKey as e:
+        raise ValueError(f"{path}: key {e.args[0]!r} occurs twice in one JSON object") from None
     except RecursionError:
         raise ValueError(f"{path}: cannot read JSON (nested too deeply)") from None
 
@@ -79,8 +96,11 @@ class IntrospectDataset(Sequence[Group]):
     build it from these annotations and sub-answers (answers seen ``>= min_answer_count``
     times). ``question_vocab``: a :class:`Vocab` or ``None`` to build it from these questions.
     Malformed or missing files raise ``ValueError`` naming the file, and so does inconsistent
-    data: a question id twice in ``questions`` or ``annotations``, a reasoning question whose
-    image differs between VQA-Introspect and VQAv2, a JSON bool where an id is expected.
+    data: a question id twice in ``questions`` or ``annotations``, a key twice in one JSON
+    object, a VQA-Introspect key that is not a question id in canonical form (``"01000"``,
+    ``"１０００"``), an empty sub-answer, a reasoning question whose image differs between
+    VQA-Introspect and VQAv2, a JSON bool where an id is expected. The region features of every
+    image are read and checked once when the data set is opened (docs/data_formats.md).
     """
 
     def __init__(self, introspect: PathLike, questions: PathLike, annotations: PathLike,
@@ -161,7 +181,8 @@ class IntrospectDataset(Sequence[Group]):
         for key in sorted(data, key=lambda k: (len(k), k)):
             entry = data[key]
             where = f"entry {key!r}"
-            _check(key.isdigit(), path, f"{where}: keys must be VQAv2 question ids")
+            _check(_QUESTION_ID.fullmatch(key) is not None, path,
+                   f"{where}: keys must be VQAv2 question ids (ASCII digits, no leading zero)")
             _check(isinstance(entry, dict) and isinstance(entry.get("reasoning_question"), str)
                    and _is(entry.get("image_id"), int)
                    and isinstance(entry.get("introspect"), list), path,
@@ -182,8 +203,12 @@ class IntrospectDataset(Sequence[Group]):
                            "'sub_answer'")
                     k = _question_key(sq["sub_question"])
                     if k and k not in seen:
+                        answer = _introspect_answer(sq["sub_answer"])
+                        _check(bool(answer), path, f"{where}: sub-question "
+                               f"{sq['sub_question']!r} has the sub_answer "
+                               f"{sq['sub_answer']!r}, empty after the VQA answer normalisation")
                         seen.add(k)
-                        subs.append((sq["sub_question"], _introspect_answer(sq["sub_answer"])))
+                        subs.append((sq["sub_question"], answer))
             if subs:
                 fallback = entry.get("reasoning_answer_most_common")
                 fallback = _introspect_answer(fallback) if isinstance(fallback, str) else ""
@@ -197,6 +222,11 @@ class IntrospectDataset(Sequence[Group]):
     @property
     def num_answers(self) -> int:
         return len(self.answer_vocab)
+
+    @property
+    def feature_dim(self) -> int:
+        """The region feature width ``F`` shared by every image (checked when opened)."""
+        return self.features.feature_dim
 
     def _targets(self, humans: Tuple[str, ...]) -> Dict[int, float]:
         """Soft scores over the answer vocabulary (answers outside it are dropped)."""

@@ -5,7 +5,8 @@ background regions. Perception questions ask about one fact; reasoning questions
 three facts (their sub-questions); other perception questions on the image are irrelevant.
 In the original design (``"v1"``) three reasoning templates carry a strong answer prior (the
 language shortcut); the ``"balanced"`` design gives every template an even answer prior and
-keeps only the templates a plain model learns to answer from the image.
+keeps only the templates a plain model learns to answer from the image; the ``"shift"`` design
+keeps those templates with a strong prior on each in train and val and an even one in test.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from .group import Group
 from .text import Vocab, vqa_soft_scores
 
 __all__ = ["SyntheticIntrospect", "TYPES", "COLOURS", "SIZES", "STATES", "ANSWERS", "TEMPLATES",
-           "DESIGNS"]
+           "DESIGNS", "TEST_TEMPLATES", "SHIFT_PRIORS"]
 
 TYPES = ("dog", "cat", "horse", "car", "bus", "bike", "cup", "chair", "lamp", "box")
 COLOURS = ("red", "blue", "green", "yellow", "white", "black")
@@ -61,7 +62,8 @@ class Template:
     facts: Tuple[Tuple[str, int], ...]
     p_yes: float
     weight: float
-    make: Callable[[np.random.Generator, List[str], bool], Tuple[Objects, List[str], Dict[str, str]]]
+    make: Callable[[np.random.Generator, List[str], bool],
+                   Tuple[Objects, List[str], Dict[str, str]]]
 
 
 def _pick(rng: np.random.Generator, values: Sequence[str]) -> str:
@@ -115,8 +117,8 @@ def _make_pair(rng, types, yes):
 
 
 def _make_all_clean(rng, types, yes):
-    states = ["clean"] * 3 if yes else _values_not_all_equal(rng, STATES, 3) if rng.random() < 0.75 \
-        else ["dirty"] * 3
+    states = ["clean"] * 3 if yes else _values_not_all_equal(rng, STATES, 3) \
+        if rng.random() < 0.75 else ["dirty"] * 3
     return {t: _random_object(rng, state=s) for t, s in zip(types, states)}, [], {}
 
 
@@ -145,8 +147,19 @@ TEMPLATES: Tuple[Template, ...] = (
 # glimpses and 60 epochs, while they perceive the single colours.
 BALANCED_TEMPLATES: Tuple[Template, ...] = tuple(
     replace(t, p_yes=0.5) for t in TEMPLATES if t.name not in ("match", "same_colour"))
-# design name -> its reasoning templates; "v1" is the original benchmark, unchanged
-DESIGNS: Dict[str, Tuple[Template, ...]] = {"v1": TEMPLATES, "balanced": BALANCED_TEMPLATES}
+# The shifted-prior design (docs/synthetic_benchmark.md, version 2): the balanced design's
+# templates, each with a strong answer prior in train and val (two leaning yes, two no), and the
+# balanced design itself in test, so that about half the test answers go against the prior.
+SHIFT_PRIORS: Dict[str, float] = {"wash": 0.95, "big_colour": 0.05, "pair": 0.95,
+                                  "all_clean": 0.05}
+SHIFT_TEMPLATES: Tuple[Template, ...] = tuple(
+    replace(t, p_yes=SHIFT_PRIORS[t.name]) for t in BALANCED_TEMPLATES)
+# design name -> the reasoning templates of its train and val splits; "v1" is the original
+# benchmark, unchanged
+DESIGNS: Dict[str, Tuple[Template, ...]] = {"v1": TEMPLATES, "balanced": BALANCED_TEMPLATES,
+                                            "shift": SHIFT_TEMPLATES}
+# design name -> the templates of its test split, for the designs whose test split differs
+TEST_TEMPLATES: Dict[str, Tuple[Template, ...]] = {"shift": BALANCED_TEMPLATES}
 
 
 def _phrasings(rng: np.random.Generator, fact: Fact, objects: Objects) -> List[Tuple[str, str]]:
@@ -159,7 +172,8 @@ def _phrasings(rng: np.random.Generator, fact: Fact, objects: Objects) -> List[T
     value = objects[t][attr]
     if attr == "colour":
         asked = value if rng.random() < 0.5 else _pick(rng, _alternatives(value))
-        return [(f"what colour is the {t}?", value), (f"is the {t} {asked}?", yes_no[asked == value])]
+        return [(f"what colour is the {t}?", value),
+                (f"is the {t} {asked}?", yes_no[asked == value])]
     if attr == "size":
         asked = _pick(rng, SIZES)
         return [(f"what size is the {t}?", value), (f"is the {t} {asked}?", yes_no[asked == value])]
@@ -183,9 +197,11 @@ class SyntheticIntrospect(Sequence[Group]):
     defaults to 3000 (train) / 1000 (val, test). Region features are ``[R, feature_dim]`` with
     ``R`` in 6..17; ``noise`` is the per-dimension standard deviation of the Gaussian noise
     added to every region.
-    ``design`` picks the reasoning templates (:data:`DESIGNS`: ``"v1"``, the original, or
-    ``"balanced"``).
-    Attributes: ``vocab`` (questions), ``answer_vocab``, ``templates`` (template name per group).
+    ``design`` picks the reasoning templates (:data:`DESIGNS`: ``"v1"``, the original,
+    ``"balanced"`` or ``"shift"``, whose test split takes :data:`TEST_TEMPLATES`).
+    Attributes: ``vocab`` (questions), ``answer_vocab``, ``templates`` (template name per group),
+    ``train_prior`` (``{template: P(yes)}`` of the design's training split, whatever ``split``:
+    the answer prior a model trained on the design learns, read from the design, not the labels).
     """
 
     def __init__(self, seed: int = 0, split: str = "train", num_groups: Optional[int] = None,
@@ -200,7 +216,9 @@ class SyntheticIntrospect(Sequence[Group]):
         if feature_dim < 8:
             raise ValueError(f"feature_dim must be >= 8, got {feature_dim}")
         self.split, self.seed, self.noise, self.design = split, seed, noise, design
-        self._templates = DESIGNS[design]
+        self._templates = (TEST_TEMPLATES.get(design, DESIGNS[design]) if split == "test"
+                           else DESIGNS[design])
+        self.train_prior = {t.name: t.p_yes for t in DESIGNS[design]}
         self.vocab = Vocab.build_questions(
             [re.sub(r"\{\w+\}", "", t.text) for t in self._templates]
             + ["what colour size is there a can you see the", *TYPES, *COLOURS, *SIZES, *STATES])

@@ -15,9 +15,9 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
-from ..data.group import PackedBatch
+from ..data.group import PackedBatch, lstm_packing
 from ..heads import pythia_classifier
 
 __all__ = ["PythiaConfig", "pythia_sizes", "PythiaOutput", "PythiaVQA", "INPUT_ABLATIONS"]
@@ -89,25 +89,40 @@ class QuestionEncoder(nn.Module):
                                                             cfg.text_glimpses))
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor,
-                host_lengths: Optional[List[int]] = None) -> torch.Tensor:
-        """``host_lengths``: ``lengths`` as Python ints when the caller has them (no device
-        read for the packing)."""
+                packing: Optional[Tuple[torch.Tensor, List[int]]] = None,
+                static_shape: bool = False) -> torch.Tensor:
+        """``packing``: ``(rows [P], batch_sizes)`` of
+        :func:`~sort_fast.data.group.lstm_packing` for these ``lengths`` and the width ``L`` of
+        ``tokens`` (``rows`` on the tokens' device), when the caller has it; else it is found
+        from ``lengths`` read back to the host (a device sync). ``static_shape`` (and inside
+        ``torch.compile``, which cannot trace sequence packing): the LSTM runs over all ``L``
+        steps instead. It runs forwards in time, so its outputs at the valid steps (the only
+        ones used below) do not depend on the padding after them: the same values, up to
+        float rounding, with shapes that do not depend on the lengths."""
         embedded = self.embedding(tokens)
-        if torch.compiler.is_compiling():
-            # torch.compile cannot trace sequence packing. The LSTM runs forwards in time, so
-            # its outputs at the valid steps (the only ones used below) do not depend on the
-            # padding after them: the same values, up to float rounding.
+        if static_shape or torch.compiler.is_compiling():
             hidden = self.lstm(embedded)[0]                                   # [T, L, H]
         else:
-            packed = pack_padded_sequence(embedded,
-                                          lengths.cpu() if host_lengths is None else host_lengths,
-                                          batch_first=True, enforce_sorted=False)
-            hidden, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True,
-                                            total_length=tokens.shape[1])    # [T, L, H]
+            if packing is None:
+                rows, batch_sizes = lstm_packing(lengths.tolist(), tokens.shape[1])
+                packing = torch.tensor(rows, device=tokens.device), batch_sizes
+            hidden = self._packed_lstm(embedded, *packing)                   # [T, L, H]
         valid = torch.arange(tokens.shape[1], device=tokens.device) < lengths[:, None]
         logits = self.attention(hidden).masked_fill(~valid[:, :, None], float("-inf"))
         weights = logits.softmax(dim=1)                                      # [T, L, G]
         return torch.einsum("tlg,tlh->tgh", weights, hidden).flatten(1)
+
+    def _packed_lstm(self, embedded: torch.Tensor, rows: torch.Tensor,
+                     batch_sizes: List[int]) -> torch.Tensor:
+        """The LSTM over the valid steps of ``embedded [B, L, E]``, 0 at the padded steps
+        ``[B, L, H]``: the packed sequence and the LSTM call of ``pack_padded_sequence`` /
+        ``pad_packed_sequence`` (same values, same bits), with their index tensors taken from
+        the host-side packing instead of copied between host and device."""
+        flat = embedded.flatten(0, 1)                                        # [B * L, E]
+        packed = PackedSequence(flat.index_select(0, rows), torch.tensor(batch_sizes))
+        out = self.lstm(packed)[0].data                                      # [P, H]
+        hidden = out.new_zeros(flat.shape[0], out.shape[1]).index_copy_(0, rows, out)
+        return hidden.view(*embedded.shape[:2], out.shape[1])
 
 
 def _distinct_questions(tokens: torch.Tensor, lengths: torch.Tensor
@@ -201,15 +216,17 @@ class PythiaVQA(nn.Module):
         elif self.config.input_ablation == "image-only":
             tokens, lengths = torch.ones_like(tokens[:, :1]), torch.ones_like(lengths)
             share_questions = False  # the batch's distinct questions are those of the text
-        host_lengths = None
+        packing = None
         if share_questions:
             if batch.question_first is not None:  # found where the batch was built
                 first, inverse = batch.question_first, batch.question_inverse
-                host_lengths = batch.distinct_lengths
+                if batch.lstm_rows is not None and not (batch.static_shape
+                                                        or torch.compiler.is_compiling()):
+                    packing = batch.lstm_rows, batch.lstm_batch_sizes
             else:
                 first, inverse = _distinct_questions(tokens, lengths)
             tokens, lengths = tokens[first], lengths[first]
-        q = self.question_encoder(tokens, lengths, host_lengths)                   # [U, Dq]
+        q = self.question_encoder(tokens, lengths, packing, batch.static_shape)    # [U, Dq]
         # one attention vector per glimpse: the scorer is linear, so it folds into the
         # question side
         qp = self.question_projection(q)[:, None] * self.attention_scorer.weight   # [U, G, H]

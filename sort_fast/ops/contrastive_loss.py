@@ -43,6 +43,10 @@ MODES = ("contrastive", "sq_only")
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "torch")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# A Grad-CAM row this long is divided by a power of two before its squares and products are
+# summed, which would overflow float32 from about 2^64 (docs/ops.md). Below it, a product of
+# two norms stays under 2^126: rows that are not long are computed as they are.
+LONG_ROW_NORM = 2.0 ** 63
 
 
 def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -64,6 +68,25 @@ class _TorchBackend:
         return grad.to(acc) * act.to(acc)
 
     @staticmethod
+    def _long_rows(norm: torch.Tensor) -> torch.Tensor:
+        """Indices ``[L]`` of the rows whose norm reaches :data:`LONG_ROW_NORM` or overflowed
+        (none for ordinary data)."""
+        return (norm >= LONG_ROW_NORM).nonzero().squeeze(1)
+
+    @staticmethod
+    def _scale_rows(G: torch.Tensor, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Divides the ``rows [L]`` of ``G [T, D]`` in place by the power of two that brings each
+        one's largest entry into ``[2^32, 2^33)``; returns the divisors and the norms of the
+        scaled rows (``[L]`` each). The cosine is unchanged (``eps`` is below ``2^32``), and
+        ``dL/dG = dL/d(G / s) / s``: long rows are computed where their squares fit."""
+        G_rows = G.index_select(0, rows)
+        exponent = torch.frexp(G_rows.abs().amax(1)).exponent  # largest in [2^(e-1), 2^e)
+        scale = torch.ldexp(torch.ones_like(G_rows[:, 0]), exponent - 33)
+        G_rows = G_rows / scale[:, None]
+        G.index_copy_(0, rows, G_rows)
+        return scale, torch.linalg.vector_norm(G_rows, dim=1)
+
+    @staticmethod
     def forward(grad, act, offsets, num_sub, margin, eps, contrastive):
         G = _TorchBackend._gradcam(grad, act)
         num_rows = G.shape[0]
@@ -71,9 +94,13 @@ class _TorchBackend:
         sizes = offsets[1:] - start
         gid = group_ids(sizes, num_rows)
         norm = torch.linalg.vector_norm(G, dim=1)
+        long_rows = _TorchBackend._long_rows(norm)
+        scale, long_norm = _TorchBackend._scale_rows(G, long_rows)
+        norm.index_copy_(0, long_rows, long_norm)
         dot = torch.einsum("td,td->t", G, G[start].index_select(0, gid))
         cos = dot / (norm.clamp_min(eps) * norm[start][gid].clamp_min(eps))
         cos[start] = 1.0
+        norm.index_copy_(0, long_rows, long_norm * scale)  # the norms of the rows as given
         if num_sub is None:
             return cos, norm, None, None
         weight, loss = _hinge(cos, offsets, sizes, num_sub, gid, margin, contrastive)
@@ -82,6 +109,9 @@ class _TorchBackend:
     @staticmethod
     def backward(grad, act, offsets, cos, norm, row_weight, group_scale, eps):
         G = _TorchBackend._gradcam(grad, act)
+        long_rows = _TorchBackend._long_rows(norm)
+        scale, long_norm = _TorchBackend._scale_rows(G, long_rows)
+        norm = norm.index_copy(0, long_rows, long_norm)
         num_rows = G.shape[0]
         start = offsets[:-1]
         sizes = offsets[1:] - start
@@ -104,6 +134,7 @@ class _TorchBackend:
                                              size=(sizes.numel(), num_rows),
                                              check_invariants=False)
         dG[start] += torch.sparse.mm(group_rows, G).addcmul_(G_r, beta[:, None], value=-1.0)
+        dG.index_copy_(0, long_rows, dG.index_select(0, long_rows) / scale[:, None])
         dgrad = (dG * act).to(grad.dtype)
         return dgrad, dG.mul_(grad).to(act.dtype)
 

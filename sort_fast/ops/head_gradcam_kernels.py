@@ -56,7 +56,9 @@ def _gather_mm_kernel(
     ``amask`` and ``scale`` are optional (``None``). The strides are compile-time constants
     (model widths, fixed for a run): with them known the compiler can prove 16-byte alignment
     of every row and emit 128-bit loads. ``UPCAST`` multiplies in fp32 (the
-    interpreter's bfloat16 arithmetic is wrong in Triton 3.x)."""
+    interpreter's bfloat16 arithmetic is wrong in Triton 3.x). Row indices (along ``M`` or,
+    with ``TRANS_A``, ``K``: the batch's rows) are int64 before they meet a row stride, so
+    ``rows * width`` may pass 2^31."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -67,26 +69,28 @@ def _gather_mm_kernel(
     # masked load share one mask bit and the loads stay 128 bits wide
     m_ok = offs_m < (A_CONTIG if TRANS_A else M)
     n_ok = offs_n < N
-    rows_m = offs_m
+    offs_m64 = offs_m.to(tl.int64)
+    rows_m = offs_m64
     if GATHER:
         if not TRANS_A:
-            rows_m = tl.load(idx_ptr + offs_m, mask=m_ok, other=0)
+            rows_m = tl.load(idx_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + offs_k
+        ks64 = ks.to(tl.int64)
         k_ok = ks < (K if TRANS_A else A_CONTIG)
         ok = m_ok[:, None] & k_ok[None, :]
         if TRANS_A:  # logical A[m, k] = S[k, m]: the gathered row index runs along K
-            rows_k = ks
+            rows_k = ks64
             if GATHER:
-                rows_k = tl.load(idx_ptr + ks, mask=k_ok, other=0)
+                rows_k = tl.load(idx_ptr + ks, mask=k_ok, other=0).to(tl.int64)
             a_ptrs = a_ptr + rows_k[None, :] * stride_a_row + offs_m[:, None] * stride_a_col
-            mask_offs = ks[None, :] * stride_mask_row + offs_m[:, None] * stride_mask_col
+            mask_offs = ks64[None, :] * stride_mask_row + offs_m[:, None] * stride_mask_col
         else:
             a_ptrs = a_ptr + rows_m[:, None] * stride_a_row + ks[None, :] * stride_a_col
-            mask_offs = offs_m[:, None] * stride_mask_row + ks[None, :] * stride_mask_col
+            mask_offs = offs_m64[:, None] * stride_mask_row + ks[None, :] * stride_mask_col
         a = tl.load(a_ptrs, mask=ok, other=0.0)
-        b = tl.load(b_ptr + ks[:, None] * stride_b_k + offs_n[None, :] * stride_b_n,
+        b = tl.load(b_ptr + ks64[:, None] * stride_b_k + offs_n[None, :] * stride_b_n,
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
@@ -96,15 +100,18 @@ def _gather_mm_kernel(
         acc += tl.dot(a.to(b.dtype), b)
     out_ok = m_ok[:, None] & n_ok[None, :]
     if SCALE:
-        scale = tl.load(scale_ptr + offs_m[:, None] * stride_scale_m
+        scale = tl.load(scale_ptr + offs_m64[:, None] * stride_scale_m
                         + offs_n[None, :] * stride_scale_n, mask=out_ok, other=0.0)
         acc *= scale.to(tl.float32)
-    tl.store(out_ptr + offs_m[:, None] * stride_out_m + offs_n[None, :] * stride_out_n,
+    tl.store(out_ptr + offs_m64[:, None] * stride_out_m + offs_n[None, :] * stride_out_n,
              acc.to(out_ptr.dtype.element_ty), mask=out_ok)
 
 
-_gather_mm_tuned = triton.autotune(configs=TUNING_CONFIGS, key=["N", "K", "TRANS_A"])(
-    _gather_mm_kernel)
+# The tuning key: the product's widths and layout, never a batch size (the rows run along M,
+# or along K with TRANS_A; A_CONTIG and N are widths): one tuning per product for the run.
+TUNING_KEY = ["N", "A_CONTIG", "TRANS_A", "stride_a_row", "stride_a_col", "stride_mask_row",
+              "stride_b_k", "stride_b_n", "stride_scale_m", "stride_out_m"]
+_gather_mm_tuned = triton.autotune(configs=TUNING_CONFIGS, key=TUNING_KEY)(_gather_mm_kernel)
 
 
 def gather_mm_launch(

@@ -5,8 +5,10 @@ compiler and the ``ptxas`` inside the triton wheel.
 The launches come from the launchers themselves (``forward_launches``, ``backward_launches``,
 ``gather_mm_launch``), and each argument is specialised exactly as Triton's JIT would
 specialise it (16-byte-aligned pointers and integers divisible by 16 get the divisibility hint),
-so the check compiles the very kernels a GPU would run. For each it reports registers, spill
-bytes, shared memory, the widest global load/store, and the tensor-core instructions.
+so the check compiles the very kernels a GPU would run (an annotated scalar, ``eps:
+tl.float64``, takes its annotation's type, as in the JIT). For each it reports registers, spill
+bytes, shared memory, the widest global load/store, the tensor-core instructions and the
+kernel's float scalar parameters by width (``.param .f32`` / ``.param .f64`` in the PTX).
 
     python -m sort_fast.ops.static_check                 # table (Markdown) on stdout
     python -m sort_fast.ops.static_check --json out.json # and every record as JSON
@@ -32,6 +34,8 @@ import torch
 
 ARCHS = (75, 80, 90)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The loss kernels also run float64 inputs (float64 accumulation).
+LOSS_DTYPES = {**DTYPES, "fp64": torch.float64}
 # The Pythia-size workload of benchmarks/bench_loss.py and bench_gradcam.py: 64 groups of
 # 1 + 1..4 sub-questions + 6..8 irrelevant questions, joint width 5000, classifier 5000 -> 3129.
 NUM_GROUPS, DIM, HIDDEN, ANSWERS = 64, 5000, 5000, 3129
@@ -53,6 +57,8 @@ class Record:
     mma: int
     wgmma: int
     fma_f32: int
+    f32_params: int
+    f64_params: int
     error: str = ""
 
 
@@ -64,20 +70,22 @@ def _layout(num_groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def loss_launches() -> Iterator[Tuple[str, str, Any]]:
-    """``(kernel, variant, launch)`` of the loss ops at the Pythia size, per input dtype."""
+    """``(kernel, variant, launch)`` of the loss ops at the Pythia size, per input dtype (the
+    finish kernel, which reads only accumulation-dtype buffers, for fp32 and fp64)."""
     from . import contrastive_loss_kernels as k
 
     offsets, num_sub = _layout(NUM_GROUPS)
     rows = int(offsets[-1])
-    for name, dtype in DTYPES.items():
+    for name, dtype in LOSS_DTYPES.items():
+        own_finish = name in ("fp32", "fp64")
         grad = torch.empty(rows, DIM, dtype=dtype)
         act = torch.empty(rows, DIM, dtype=dtype)
         for mode, sub in (("loss", num_sub), ("similarity", None)):
             launches, (cos, norm, weight, _) = k.forward_launches(grad, act, offsets, sub, 0.0,
                                                                   1e-8, True)
-            if mode == "loss" or name == "fp32":
+            if mode == "loss" or own_finish:
                 for launch in launches:
-                    if name == "fp32" or "partial" in _name(launch.kernel):
+                    if own_finish or "partial" in _name(launch.kernel):
                         yield _name(launch.kernel), f"{name} {mode}", launch
             if mode == "loss":
                 scale = torch.empty(NUM_GROUPS, dtype=cos.dtype)
@@ -144,6 +152,9 @@ def _compile(kernel: Any, args: Dict[str, Any], arch: int, num_warps: int,
         if param.is_constexpr:
             signature[name], constexprs[name] = "constexpr", value
             continue
+        if param.annotation_type:  # typed by its annotation, unspecialised (float scalars)
+            signature[name] = param.annotation_type
+            continue
         kind, spec = native_specialize_impl(BaseBackend, value, False,
                                             not param.do_not_specialize,
                                             not param.do_not_specialize_on_alignment)
@@ -201,7 +212,9 @@ def _inspect(ptx: str, shared: int, arch: int) -> Dict[str, int]:
                 widest_load_bits=widest("ld"), widest_store_bits=widest("st"),
                 mma=len(re.findall(r"\bmma\.sync\b", ptx)),
                 wgmma=len(re.findall(r"\bwgmma\.mma_async\b", ptx)),
-                fma_f32=len(re.findall(r"\bfma\.rn\.f32\b", ptx)))
+                fma_f32=len(re.findall(r"\bfma\.rn\.f32\b", ptx)),
+                f32_params=len(re.findall(r"\.param \.f32\b", ptx)),
+                f64_params=len(re.findall(r"\.param \.f64\b", ptx)))
 
 
 def _check_one(job: Tuple[str, str, Any, int, str, Dict[str, Any], int, int]) -> Record:
@@ -213,7 +226,7 @@ def _check_one(job: Tuple[str, str, Any, int, str, Dict[str, Any], int, int]) ->
         ptx, shared = _compile(launch.kernel, {**launch.args, **extra}, arch, warps, stages)
         return Record(kernel_name, variant, arch, **_inspect(ptx, shared, arch))
     except Exception as e:  # reported, and the test fails on it
-        return Record(kernel_name, variant, arch, 0, 0, 0, 0, 0, 0, 0, 0,
+        return Record(kernel_name, variant, arch, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
                       error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
 
 
@@ -262,11 +275,11 @@ def roofline() -> List[Dict[str, Any]]:
 
 def markdown(records: Sequence[Record]) -> str:
     lines = ["| kernel | variant | sm | regs | spill B | smem B | widest ld/st bits | mma | wgmma"
-             " | fma.f32 | error |", "|" + "---|" * 11]
+             " | fma.f32 | f32/f64 scalar params | error |", "|" + "---|" * 12]
     for r in records:
         lines.append(f"| {r.kernel} | {r.variant} | {r.arch} | {r.registers} | {r.spill_bytes} "
                      f"| {r.shared_bytes} | {r.widest_load_bits}/{r.widest_store_bits} | {r.mma} "
-                     f"| {r.wgmma} | {r.fma_f32} | {r.error} |")
+                     f"| {r.wgmma} | {r.fma_f32} | {r.f32_params}/{r.f64_params} | {r.error} |")
     lines += ["", "| size | dtype | rows T | fwd bytes | bwd bytes | HBM floor fwd+bwd (us, "
               "4.8 TB/s) |", "|---|---|---|---|---|---|"]
     for r in roofline():

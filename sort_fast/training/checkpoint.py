@@ -1,5 +1,5 @@
-"""Atomic, checksummed checkpoint files, the run-folder lock, and the random-number-generator
-state checkpoints carry.
+"""Atomic, checksummed checkpoint files, the model they hold, the run-folder lock, and the
+random-number-generator state checkpoints carry.
 
 A checkpoint is a plain ``torch.save`` dict with a ``"sha256"`` entry: the SHA-256 of its
 content (every other entry, tensors by dtype, shape and bytes, other values by ``repr``), so
@@ -8,6 +8,7 @@ content (every other entry, tensors by dtype, shape and bytes, other values by `
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -21,11 +22,12 @@ from typing import Any, Dict, Iterator, Sequence, Union
 import numpy as np
 import torch
 
+from ..models import PythiaConfig, PythiaVQA
 from .config import CLIError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "atomic_write",
-           "content_digest", "lock_run_dir", "remove_stale_temp_files", "MODEL_KEYS",
-           "TRAINING_KEYS"]
+           "content_digest", "lock_run_dir", "remove_stale_temp_files", "model_from_checkpoint",
+           "MODEL_KEYS", "TRAINING_KEYS"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 FORMAT = 2  # format 1 (older versions): the same without "sha256"
@@ -103,15 +105,21 @@ def save_checkpoint(state: Dict[str, Any], path: PathLike) -> None:
 def load_checkpoint(path: PathLike, keys: Sequence[str] = ()) -> Dict[str, Any]:
     """Reads a checkpoint (``weights_only``: no code runs) and verifies its checksum; a
     missing, truncated, damaged or foreign file, or one without the entries ``keys``, is a
-    :class:`CLIError` naming it. A format-1 file (no checksum) is read with a warning."""
+    :class:`CLIError` naming it, and so is a file of a newer format (written by a newer
+    version). A format-1 file (no checksum) is read with a warning."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CLIError(f"{path}: no such checkpoint") from None
     except Exception as e:  # torch raises several types for corrupt files
         raise CLIError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(state, dict) or state.get("format") not in (1, FORMAT):
+    if not isinstance(state, dict) or not isinstance(state.get("format"), int):
         raise CLIError(f"{path}: not a sort_fast checkpoint")
+    if state["format"] > FORMAT:
+        raise CLIError(f"{path}: checkpoint format {state['format']} is newer than this "
+                       f"version of sort_fast reads (formats 1-{FORMAT}); upgrade sort_fast")
+    if state["format"] < 1:
+        raise CLIError(f"{path}: not a sort_fast checkpoint (format {state['format']})")
     if state["format"] == 1:
         logging.getLogger("sort_fast").warning(
             "%s has no checksum (written by an older version): its integrity is not checked",
@@ -122,6 +130,51 @@ def load_checkpoint(path: PathLike, keys: Sequence[str] = ()) -> Dict[str, Any]:
     if missing:
         raise CLIError(f"{path}: incomplete checkpoint (no {', '.join(missing)})")
     return state
+
+
+def _first_line(e: Exception) -> str:
+    return next(iter(str(e).splitlines()), type(e).__name__)
+
+
+def model_from_checkpoint(state: Dict[str, Any], path: PathLike) -> PythiaVQA:
+    """The :class:`PythiaVQA` that ``state`` (a checkpoint read from ``path`` by
+    :func:`load_checkpoint`) describes, with its weights. A ``model_config`` key the model does
+    not know or lacks, a value that cannot build the model, a weight that is not finite, and
+    weights of other names or shapes than the configured model's are a :class:`CLIError`
+    naming ``path`` and the key or parameter."""
+    config, weights = state["model_config"], state["model"]
+    if not isinstance(config, dict) or not isinstance(weights, dict):
+        raise CLIError(f"{path}: model_config and model must be dicts")
+    fields = {f.name: f for f in dataclasses.fields(PythiaConfig)}
+    unknown = [k for k in config if k not in fields]
+    if unknown:
+        raise CLIError(f"{path}: unknown model_config key {unknown[0]!r} (written by another "
+                       "version of sort_fast?)")
+    needed = [name for name, f in fields.items() if name not in config
+              and f.default is dataclasses.MISSING]
+    if needed:
+        raise CLIError(f"{path}: model_config has no {needed[0]!r}")
+    try:
+        model = PythiaVQA(PythiaConfig(**config))
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CLIError(f"{path}: its model_config cannot build a model ({_first_line(e)})"
+                       ) from None
+    expected = model.state_dict()
+    for name, value in weights.items():
+        if name not in expected:
+            raise CLIError(f"{path}: weight {name!r} is not a parameter of the model its "
+                           "model_config describes")
+        if not isinstance(value, torch.Tensor) or value.shape != expected[name].shape:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)
+            raise CLIError(f"{path}: weight {name!r} has shape {shape}, its model_config's "
+                           f"model {tuple(expected[name].shape)}")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CLIError(f"{path}: weight {name!r} is not finite (NaN or inf)")
+    missing = [name for name in expected if name not in weights]
+    if missing:
+        raise CLIError(f"{path}: no weight {missing[0]!r}, which its model_config's model has")
+    model.load_state_dict(weights)
+    return model
 
 
 @contextlib.contextmanager

@@ -16,12 +16,14 @@ from ..data.synthetic import DESIGNS
 from ..models.pythia import INPUT_ABLATIONS
 
 __all__ = ["CLIError", "Interrupted", "OneLineParser", "build_train_parser",
-           "build_evaluate_parser", "command_line", "require_all", "LOSSES", "METHOD_NAMES"]
+           "build_evaluate_parser", "command_line", "require_all", "LOSSES", "METHOD_NAMES",
+           "EVAL_DIR"]
 
 LOSSES = ("bce", "squint", "sort-sq", "sort", "role-bce")
 METHOD_NAMES = {"bce": "Pythia", "squint": "Pythia + SQuINT", "sort-sq": "Pythia + SOrT (only SQ)",
                 "sort": "Pythia + SOrT (SQ + IQ)",
                 "role-bce": "Pythia + SOrT's BCE weights (no Grad-CAM term)"}
+EVAL_DIR = "eval"  # the evaluator's output folder beside the checkpoint, unless --out says
 
 
 class CLIError(Exception):
@@ -327,7 +329,8 @@ def build_evaluate_parser() -> OneLineParser:
                    help="a checkpoint.pt written by training, or the run folder holding it "
                         "(the trainer's --out)")
     p.add_argument("--out", default=None,
-                   help="output directory (default: an 'eval' directory beside the checkpoint)")
+                   help=f"output directory (default: an '{EVAL_DIR}' directory beside the "
+                        "checkpoint)")
     _add_run_flags(p, training=False)
     p.add_argument("--synthetic-seed", type=int, default=None,
                    help="seed of the synthetic benchmark (default: as in training)")

@@ -60,6 +60,15 @@ def _val_data(source: Dict[str, Any], vocab: Optional[Vocab], answer_vocab: Opti
     return _introspect([source[k] for k in VAL_FILES], vocab, answer_vocab)
 
 
+def _check_feature_dim(val: Sequence[Group], source: Dict[str, Any], expected: int,
+                       expected_from: str) -> None:
+    """Raises :class:`CLIError` if real validation data's region features are not
+    ``expected``-d (the width of ``expected_from``)."""
+    if isinstance(val, IntrospectDataset) and val.feature_dim != expected:
+        raise CLIError(f"{source['val_features']}: {val.feature_dim}-d region features, but "
+                       f"{expected_from} {expected}-d")
+
+
 def load_train_data(args: argparse.Namespace) -> Datasets:
     """Training and validation groups from the flags of ``sort_fast.train``: the embedded
     synthetic benchmark, or real VQA-Introspect data when the data files are given."""
@@ -78,8 +87,9 @@ def load_train_data(args: argparse.Namespace) -> Datasets:
     train = _introspect([getattr(args, k) for k in TRAIN_FILES], None, None)
     source = {"kind": "introspect", **{k: getattr(args, k) for k in VAL_FILES}}
     val = _val_data(source, train.vocab, train.answer_vocab)
-    return Datasets(train, val, train.vocab, train.answer_vocab,
-                    int(train[0].features.shape[1]), source)
+    _check_feature_dim(val, source, train.feature_dim,
+                       f"the training features {args.features} are")
+    return Datasets(train, val, train.vocab, train.answer_vocab, train.feature_dim, source)
 
 
 def load_val_data(args: argparse.Namespace, stored: Dict[str, Any], vocab: Vocab,
@@ -99,6 +109,7 @@ def load_val_data(args: argparse.Namespace, stored: Dict[str, Any], vocab: Vocab
     else:
         source = dict(stored)
     val = _val_data(source, vocab, answer_vocab)
+    _check_feature_dim(val, source, feature_dim, "the checkpoint's model takes")
     return Datasets(None, val, vocab, answer_vocab, feature_dim, source)
 
 

@@ -29,6 +29,7 @@ from ..ops.contrastive_loss import gradcam_similarity
 from .checkpoint import atomic_write
 from .config import CLIError
 from .objective import gradcam_gradient
+from .prior_metrics import prior_agreement, prior_breakdown
 
 __all__ = ["Example", "EvalResult", "evaluate", "question_kind", "QUESTION_KINDS", "load_hat",
            "format_metric", "format_table", "write_report"]
@@ -244,6 +245,11 @@ def evaluate(model: PythiaVQA, groups: Sequence[Group], *, batch_groups: int,
       consistency - mode_consistency`` (globally and per template): 0 for a model whose
       reasoning answers are its template's mode, positive where reasoning answers follow what
       the model perceives beyond its answer bias.
+    - With ``templates`` and ``groups`` carrying ``train_prior`` (``{template: P(yes)}`` of the
+      training split, as the synthetic benchmark's do) where some group's template has a prior:
+      ``prior_agreement``, reasoning accuracy and consistency on the prior-agreeing and
+      prior-conflicting groups and their ``shortcut_gap``
+      (:func:`~sort_fast.training.prior_metrics.prior_breakdown`).
     """
     if templates is not None and len(templates) != len(groups):
         raise ValueError(f"templates has {len(templates)} names for {len(groups)} groups")
@@ -340,6 +346,12 @@ def evaluate(model: PythiaVQA, groups: Sequence[Group], *, batch_groups: int,
             templates, role_np, correct_np, torch.cat(preds).numpy(),
             torch.cat(truths).numpy(), offsets,
             answer_vocab.get("yes") if answer_vocab is not None else None))
+        agreement = prior_agreement(templates, [g.answers[0] for g in groups],
+                                    getattr(groups, "train_prior", {}))
+        if agreement.any():
+            metrics["prior_agreement"] = prior_breakdown(
+                agreement, correct_np[role_np == ROLE_REASONING], correct_np[role_np == ROLE_SUB],
+                num_sub.numpy())
     return EvalResult(metrics, similarity.numpy(), role_all.numpy(), examples)
 
 
@@ -389,14 +401,14 @@ def format_table(metrics: Mapping[str, Any], method: str) -> str:
 
 def write_report(result: EvalResult, out_dir: Path, *, method: str,
                  extra: Optional[Dict[str, Any]] = None, plots: bool = True) -> str:
-    """Writes ``metrics.json``, ``table1.md`` and (``plots``) the plots into ``out_dir``;
-    returns the table. ``extra`` (e.g. the step) is stored in ``metrics.json`` beside the
-    metrics."""
+    """Writes ``table1.md``, (``plots``) the plots and, last, ``metrics.json`` into
+    ``out_dir``; returns the table. ``extra`` (e.g. the step) is stored in ``metrics.json``
+    beside the metrics. As ``metrics.json`` comes last, its presence means the whole report was
+    written (a process killed while writing leaves no ``metrics.json``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     table = format_table(result.metrics, method)
     payload = {"method": method, **(extra or {}), "metrics": result.metrics}
-    atomic_write(out_dir / "metrics.json",
-                 lambda f: f.write(json.dumps(payload, indent=2).encode() + b"\n"))
+    (out_dir / "metrics.json").unlink(missing_ok=True)  # an earlier report's, until this one's
     atomic_write(out_dir / "table1.md", lambda f: f.write(
         (f"Validation metrics ({result.metrics['groups']} groups, "
          f"{result.metrics['pairs']} <reasoning, sub-question> pairs)\n\n{table}\n").encode()))
@@ -404,4 +416,6 @@ def write_report(result: EvalResult, out_dir: Path, *, method: str,
         from .plots import plot_all  # matplotlib is imported only when plots are written
 
         plot_all(result, out_dir, method)
+    atomic_write(out_dir / "metrics.json",
+                 lambda f: f.write(json.dumps(payload, indent=2).encode() + b"\n"))
     return table

@@ -51,18 +51,25 @@ class JsonLog:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def truncate_after(self, step: int) -> None:
+    def truncate_after(self, step: int, *, drop_eval_at_step: bool = False) -> None:
         """Drops the lines of steps after ``step`` (written by a run that was killed before its
-        next checkpoint), so a resumed run's log has no duplicate steps."""
+        next checkpoint), so a resumed run's log has no duplicate steps; with
+        ``drop_eval_at_step`` also the evaluation at ``step`` (a finished run's final one,
+        when it evaluates again to complete its report)."""
         if not self.path.exists():
             return
         kept = []
         for line in self.path.read_text(encoding="utf-8").splitlines(True):
             try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line if line.endswith("\n") else line + "\n")
+                record = json.loads(line)
             except json.JSONDecodeError:  # a line cut short by the kill
                 continue
+            if not isinstance(record, dict):
+                continue
+            at_step = record.get("step", 0)
+            dropped = drop_eval_at_step and at_step == step and record.get("event") == "eval"
+            if at_step <= step and not dropped:
+                kept.append(line if line.endswith("\n") else line + "\n")
         atomic_write(self.path, lambda f: f.write("".join(kept).encode()))
 
     def write(self, record: Dict[str, Any]) -> None:

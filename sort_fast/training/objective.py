@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data import PackedBatch
-from ..layout import ROLE_IRRELEVANT, ROLE_REASONING, ROLE_SUB, group_ids, row_roles
-from ..losses import SOrTLoss, role_bce
+from ..layout import ROLE_IRRELEVANT, ROLE_REASONING, ROLE_SUB, check_layout, group_ids, row_roles
+from ..losses import SOrTLoss, masked_mean, role_bce, row_mask
 from ..models import PythiaOutput, PythiaVQA
 from ..ops.head_gradcam import head_gradcam
 
@@ -40,17 +40,26 @@ def gradcam_gradient(model: PythiaVQA, out: PythiaOutput, classes: torch.Tensor,
 
 
 def attention_alignment(attention: torch.Tensor, offsets: torch.Tensor,
-                        num_sub: torch.Tensor) -> torch.Tensor:
+                        num_sub: torch.Tensor,
+                        group_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """SQuINT's attention alignment (Selvaraju et al. 2020): the squared difference between
     the region attention of each sub-question and of its reasoning question, summed over
     regions and averaged over ``<reasoning, sub-question>`` pairs (mean squared error up to the
     constant number of regions). ``attention [T, R]`` (or ``[T, G, R]`` with several glimpses,
-    summed over both) is 0 on padded regions."""
+    summed over both) is 0 on padded regions. ``group_mask [N]`` bool: only the pairs of the
+    groups it keeps count."""
     sizes = offsets[1:] - offsets[:-1]
-    roles = row_roles(offsets, num_sub, sizes, num_rows=attention.shape[0])
-    sub = (roles == ROLE_SUB).nonzero().squeeze(1)
-    reasoning = offsets[:-1][group_ids(sizes, attention.shape[0])[sub]]
-    return (attention[sub] - attention[reasoning]).square().flatten(1).sum(1).mean()
+    is_sub = row_roles(offsets, num_sub, sizes, num_rows=attention.shape[0]) == ROLE_SUB
+    if torch.compiler.is_compiling():
+        sub = is_sub.nonzero().squeeze(1)
+    else:  # the number of sub-question rows is known on the host: no device read
+        count = check_layout(offsets, num_sub, attention.shape[0]).num_sub_rows
+        sub = torch.nonzero_static(is_sub, size=count).squeeze(1)
+    sub_group = group_ids(sizes, attention.shape[0])[sub]
+    per_pair = (attention[sub] - attention[offsets[:-1][sub_group]]).square().flatten(1).sum(1)
+    if group_mask is None:
+        return per_pair.mean()
+    return masked_mean(per_pair, group_mask[sub_group].to(per_pair.dtype))
 
 
 class Objective:
@@ -91,22 +100,26 @@ class Objective:
             inner = model.module if isinstance(model, DistributedDataParallel) else model
             scores, grad = gradcam_gradient(inner, out, batch.classes, self.naive)
             parts = self.sort_loss(scores, batch.targets, grad, out.joint, batch.offsets,
-                                   batch.num_sub)
+                                   batch.num_sub, group_mask=batch.group_valid)
             return parts.total, {"loss": parts.total.detach(),
                                  **{f.name: getattr(parts, f.name).detach()
                                     for f in fields(parts) if f.name != "total"}}
         if self.kind == "role-bce":
-            per_role = role_bce(out.scores, batch.targets, batch.offsets, batch.num_sub)
+            per_role = role_bce(out.scores, batch.targets, batch.offsets, batch.num_sub,
+                                batch.group_valid)
             weighted = per_role * per_role.new_tensor(self.role_weights)
             total = weighted.sum()
             return total, {"loss": total.detach(),
                            "bce_reasoning": per_role[ROLE_REASONING].detach(),
                            "bce_sub": per_role[ROLE_SUB].detach(),
                            "bce_irrelevant": per_role[ROLE_IRRELEVANT].detach()}
-        bce = F.binary_cross_entropy_with_logits(out.scores.float(), batch.targets,
-                                                 reduction="none").sum(1).mean()
+        per_row = F.binary_cross_entropy_with_logits(out.scores.float(), batch.targets,
+                                                     reduction="none").sum(1)
+        bce = per_row.mean() if batch.group_valid is None else masked_mean(
+            per_row, row_mask(batch.group_valid, batch.offsets, per_row.shape[0], per_row.dtype))
         if self.kind == "bce":
             return bce, {"loss": bce.detach(), "bce": bce.detach()}
-        align = attention_alignment(out.attention.float(), batch.offsets, batch.num_sub)
+        align = attention_alignment(out.attention.float(), batch.offsets, batch.num_sub,
+                                    batch.group_valid)
         total = bce + self.lambda_attention * align
         return total, {"loss": total.detach(), "bce": bce.detach(), "attention": align.detach()}
