@@ -27,7 +27,7 @@ LEGACY_KEYS = (
 )
 TEMPLATE_KEYS = {"groups", "reasoning_accuracy", "sub_accuracy", "consistency",
                  "independent_consistency", "coupling", "yes_rate", "mode_share",
-                 "mode_consistency", "coupling_over_mode", "prior_agreement"}
+                 "mode_consistency", "coupling_over_mode"}
 
 
 @pytest.fixture(scope="module")
