@@ -3,6 +3,7 @@ that must read a value fails there) counted at the dispatcher: no operator moves
 host and device or reads a device value (docs/ops.md, "What is proven without a GPU")."""
 import pytest
 import torch
+import torch._dynamo  # noqa: F401  (imported before the autocast shim below, see its fixture)
 
 from sort_fast.data import SyntheticIntrospect, collate_groups
 from sort_fast.models import PythiaConfig, PythiaVQA
