@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from sort_fast.data import SyntheticIntrospect, collate_groups
+from sort_fast.data.group import lstm_packing
 from sort_fast.heads import BranchSum
 from sort_fast.models import PythiaConfig, PythiaVQA, pythia_sizes
 
@@ -97,12 +98,15 @@ def test_collate_finds_what_the_model_would(data):
     first, inverse = _distinct_questions(batch.question_tokens, batch.question_lengths)
     assert torch.equal(batch.question_first, first)
     assert torch.equal(batch.question_inverse, inverse)
-    assert batch.distinct_lengths == batch.question_lengths[first].tolist()
+    rows, batch_sizes = lstm_packing(batch.question_lengths[first].tolist(),
+                                     batch.question_tokens.shape[1])
+    assert batch.lstm_rows.tolist() == rows and batch.lstm_batch_sizes == batch_sizes
     slot, per_image = _slots(batch.image_index, batch.image_features.shape[0])
     assert torch.equal(batch.image_slot, slot) and batch.max_per_image == per_image
     model = _model(ds).eval()
     bare = dataclasses.replace(batch, question_first=None, question_inverse=None,
-                               distinct_lengths=None, image_slot=None, max_per_image=None)
+                               lstm_rows=None, lstm_batch_sizes=None, image_slot=None,
+                               max_per_image=None)
     # a batch changed through PackedBatch.replace drops what it invalidates
     half = batch.replace(question_tokens=batch.question_tokens[:5],
                          question_lengths=batch.question_lengths[:5],
@@ -172,7 +176,7 @@ def test_input_ablations_hide_one_input(data):
     reworded = dataclasses.replace(
         batch, question_tokens=batch.question_tokens.flip(0),
         question_lengths=batch.question_lengths.flip(0), question_first=None,
-        question_inverse=None, distinct_lengths=None)
+        question_inverse=None, lstm_rows=None, lstm_batch_sizes=None)
     for ablation, changed in (("text-only", noisy), ("image-only", reworded)):
         torch.manual_seed(0)
         model = _model(ds, input_ablation=ablation).eval()
@@ -258,7 +262,6 @@ def test_packed_lstm_is_pack_padded_sequence_bit_for_bit(seed):
     as the trainer runs; ties in length included)."""
     from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-    from sort_fast.data.group import lstm_packing
 
     gen = torch.Generator().manual_seed(seed)
     lstm = nn.LSTM(12, 16, batch_first=True)

@@ -106,6 +106,14 @@ class ShapeBuckets:
         return shape
 
 
+def _zero_padded(t: torch.Tensor, *sizes: int) -> torch.Tensor:
+    """``t`` in the leading corner of zeros whose first dimensions are ``sizes`` (the rest as
+    in ``t``)."""
+    out = t.new_zeros(*sizes, *t.shape[len(sizes):])
+    out[tuple(slice(0, n) for n in t.shape[:len(sizes)])] = t
+    return out
+
+
 def pad_to_bucket(batch: PackedBatch, buckets: ShapeBuckets) -> PackedBatch:
     """``batch`` (on the CPU, as collate made it) padded to ``buckets.shape_for(batch)``."""
     return pad_to_shape(batch, buckets.shape_for(batch))
@@ -136,25 +144,14 @@ def pad_to_shape(batch: PackedBatch, shape: StaticShape) -> PackedBatch:
     group_valid = torch.cat([torch.ones(need.groups, dtype=torch.bool),
                              torch.zeros(extra_groups, dtype=torch.bool)])
 
-    tokens = batch.question_tokens.new_zeros(shape.rows, shape.tokens)
-    tokens[:need.rows, :need.tokens] = batch.question_tokens
+    tokens = _zero_padded(batch.question_tokens, shape.rows, shape.tokens)
     lengths = torch.cat([batch.question_lengths, torch.ones(extra_rows, **long)])
 
-    def regions_padded(t: torch.Tensor) -> torch.Tensor:
-        out = t.new_zeros(shape.images, shape.regions, *t.shape[2:])
-        out[:need.images, :need.regions] = t
-        return out
-
-    mask = regions_padded(batch.image_mask)
+    mask = _zero_padded(batch.image_mask, shape.images, shape.regions)
     mask[need.images:, 0] = True
     pad_row = torch.arange(extra_rows)
     image_index = torch.cat([batch.image_index, need.images + pad_row % max(extra_images, 1)])
     image_slot = torch.cat([batch.image_slot, pad_row // max(extra_images, 1)])
-
-    targets = batch.targets.new_zeros(shape.rows, batch.targets.shape[1])
-    targets[:need.rows] = batch.targets
-    grounding = batch.grounding.new_zeros(shape.groups, shape.regions)
-    grounding[:need.groups, :need.regions] = batch.grounding
 
     # the padding rows ask one question, the first extra distinct question (else any)
     extra_questions = shape.questions - need.questions
@@ -163,19 +160,20 @@ def pad_to_shape(batch: PackedBatch, shape: StaticShape) -> PackedBatch:
     inverse = torch.cat([batch.question_inverse,
                          torch.full((extra_rows,), need.questions if extra_questions else 0,
                                     **long)])
-    distinct_lengths = list(batch.distinct_lengths) + [int(lengths[pad_first])] * extra_questions
     padded = PackedBatch(
         question_tokens=tokens, question_lengths=lengths,
-        image_features=regions_padded(batch.image_features),
-        image_boxes=regions_padded(batch.image_boxes), image_mask=mask,
-        image_index=image_index, offsets=offsets, num_sub=num_sub, targets=targets,
+        image_features=_zero_padded(batch.image_features, shape.images, shape.regions),
+        image_boxes=_zero_padded(batch.image_boxes, shape.images, shape.regions),
+        image_mask=mask,
+        image_index=image_index, offsets=offsets, num_sub=num_sub,
+        targets=_zero_padded(batch.targets, shape.rows),
         classes=torch.cat([batch.classes, torch.zeros(extra_rows, **long)]),
-        grounding=grounding,
+        grounding=_zero_padded(batch.grounding, shape.groups, shape.regions),
         has_grounding=torch.cat([batch.has_grounding,
                                  torch.zeros(extra_groups, dtype=torch.bool)]),
         image_ids=list(batch.image_ids) + [PAD_IMAGE_ID] * extra_images,
         question_ids=list(batch.question_ids) + [PAD_QUESTION_ID] * extra_rows,
-        question_first=first, question_inverse=inverse, distinct_lengths=distinct_lengths,
+        question_first=first, question_inverse=inverse,
         image_slot=image_slot, max_per_image=shape.slots, group_valid=group_valid,
         static_shape=True)
     check_layout(padded.offsets, padded.num_sub, shape.rows)  # remembered for the step

@@ -82,9 +82,9 @@ class PackedBatch:
     What the model would otherwise find on the device (with host syncs) in every forward,
     :func:`collate_groups` also records: ``question_first [U]`` (first row of each distinct
     ``(tokens, length)`` question, ordered by length then tokens), ``question_inverse [T]``
-    (the distinct question of every row), ``distinct_lengths`` (``U`` ints), the LSTM's
-    packing of the distinct questions (:func:`lstm_packing`: ``lstm_rows [P]``, a tensor that
-    travels with the batch, and ``lstm_batch_sizes``, ``L`` host ints), ``image_slot [T]``
+    (the distinct question of every row), the LSTM's packing of the distinct questions
+    (:func:`lstm_packing`: ``lstm_rows [P]``, a tensor that travels with the batch, and
+    ``lstm_batch_sizes``, ``L`` host ints), ``image_slot [T]``
     (position of each question among its image's questions) and ``max_per_image``. ``None``
     where unknown: the model then computes them itself (reading the lengths back from the
     device). They are derived from ``question_tokens``, ``question_lengths`` and
@@ -113,7 +113,6 @@ class PackedBatch:
     question_ids: List[str]
     question_first: Optional[torch.Tensor] = None
     question_inverse: Optional[torch.Tensor] = None
-    distinct_lengths: Optional[List[int]] = None
     lstm_rows: Optional[torch.Tensor] = None
     lstm_batch_sizes: Optional[List[int]] = None
     image_slot: Optional[torch.Tensor] = None
@@ -144,7 +143,7 @@ class PackedBatch:
         when a field they derive from changes."""
         if {"question_tokens", "question_lengths"} & changes.keys():
             changes = {"question_first": None, "question_inverse": None,
-                       "distinct_lengths": None, "lstm_rows": None, "lstm_batch_sizes": None,
+                       "lstm_rows": None, "lstm_batch_sizes": None,
                        **changes}
         if "image_index" in changes:
             changes = {"image_slot": None, "max_per_image": None, **changes}
@@ -275,7 +274,6 @@ def collate_groups(groups: Sequence[Group]) -> PackedBatch:
         question_ids=question_ids,
         question_first=torch.tensor(first, dtype=torch.int64),
         question_inverse=torch.tensor(inverse, dtype=torch.int64),
-        distinct_lengths=distinct_lengths,
         lstm_rows=torch.tensor(lstm_rows, dtype=torch.int64),
         lstm_batch_sizes=lstm_batch_sizes,
         image_slot=torch.tensor(slot, dtype=torch.int64),

@@ -220,8 +220,7 @@ class PythiaVQA(nn.Module):
         if share_questions:
             if batch.question_first is not None:  # found where the batch was built
                 first, inverse = batch.question_first, batch.question_inverse
-                if batch.lstm_rows is not None and not (batch.static_shape
-                                                        or torch.compiler.is_compiling()):
+                if batch.lstm_rows is not None:  # the encoder ignores it for static shapes
                     packing = batch.lstm_rows, batch.lstm_batch_sizes
             else:
                 first, inverse = _distinct_questions(tokens, lengths)
