@@ -15,6 +15,7 @@ from .ops.contrastive_loss import (
     GradCAMSource,
     check_number,
     contrastive_gradient_loss,
+    counted_groups,
     gradcam_inputs,
 )
 
@@ -126,8 +127,7 @@ class SOrTLoss(nn.Module):
             per_group = contrastive_gradient_loss(grad, act, offsets, num_sub,
                                                   reduction="none", **options)
             # the groups "mean" counts (docs/math.md), among those kept
-            counted = group_mask if self.mode == "sq_only" else (
-                group_mask & (offsets[1:] - offsets[:-1] - 1 > num_sub))
+            counted = group_mask & counted_groups(offsets, num_sub, self.mode)
             contrastive = masked_mean(per_group, counted.to(per_group.dtype))
         bce = role_bce(scores, targets, offsets, num_sub, group_mask)
         lr, ls, li = self.lambdas

@@ -33,6 +33,7 @@ from . import triton_available
 
 __all__ = [
     "contrastive_gradient_loss",
+    "counted_groups",
     "gradcam_similarity",
     "ContrastiveGradientLoss",
 ]
@@ -432,8 +433,17 @@ def contrastive_gradient_loss(
     if not contrastive:
         return total / max(per_group.numel(), 1)
     # counted on the device (no host sync); with no counted group every loss is 0
-    counted = (offsets[1:] - offsets[:-1] - 1 > num_sub).sum().clamp_min(1)
-    return total / counted
+    return total / counted_groups(offsets, num_sub, mode).sum().clamp_min(1)
+
+
+def counted_groups(offsets: torch.Tensor, num_sub: torch.Tensor, mode: str) -> torch.Tensor:
+    """``[N]`` bool: the groups that ``reduction="mean"`` of
+    :func:`contrastive_gradient_loss` averages over (``offsets [N+1]``, ``num_sub [N]``): in
+    ``"contrastive"`` mode those with at least one irrelevant question, in ``"sq_only"``
+    mode every group."""
+    if mode == "sq_only":
+        return torch.ones_like(num_sub, dtype=torch.bool)
+    return offsets[1:] - offsets[:-1] - 1 > num_sub
 
 
 class ContrastiveGradientLoss(torch.nn.Module):
