@@ -9,8 +9,8 @@ import pytest
 
 from sort_fast import evaluate as evaluate_cli
 from sort_fast import train as train_cli
-from sort_fast.experiments.table1 import (METHODS, METRICS, PAPER, PRIMARY, PROBES, main,
-                                         markdown, run_tag, val_score)
+from sort_fast.experiments.table1 import (METHODS, METRICS, PAPER, PRIMARY, PRIOR, PROBES,
+                                         main, markdown, run_tag, val_score)
 
 TINY = ["--jobs", "1", "--seeds", "2", "--tune-seeds", "1", "--probe-seeds", "1",
         "--pretrain-epochs", "2", "--finetune-epochs", "1", "--rows", *METHODS,
@@ -170,3 +170,38 @@ def test_help_explains_every_flag(capsys):
                  "--attention-grid", "--finetune-epochs", "--synthetic-test-groups", "--rows",
                  "--probe-seeds", "--margin", "--image-glimpses", "--synthetic-design"):
         assert flag in text
+
+
+def test_shifted_prior_world_reports_agreeing_and_conflicting_questions(tmp_path):
+    """In the shift design every row's entry holds the prior breakdown under flat names, the
+    paired statistics compare them, and the table and figure show them."""
+    small = list(TINY)
+    small[small.index("--rows") + 1:small.index("--attention-grid")] = ["baseline", "control",
+                                                                         "sort"]
+    small[small.index("--probe-seeds") + 1] = "0"
+    argv = ["--out", str(tmp_path / "runs"), "--json", str(tmp_path / "t.json"), "--figure",
+            str(tmp_path / "t.png"), "--synthetic-design", "shift", *small]
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "t.json").read_text())
+    for row in ("baseline", "control", "sort"):
+        for entry in results["methods"][row]:
+            breakdown = entry["prior_agreement"]
+            assert entry["shortcut_gap"] == pytest.approx(
+                breakdown["agreeing"]["reasoning_accuracy"]
+                - breakdown["conflicting"]["reasoning_accuracy"])
+            assert entry["conflicting_consistency"] == breakdown["conflicting"]["consistency"]
+            assert set(PRIOR) <= set(entry)
+    gap = results["stats"]["vs_baseline"]["sort"]["shortcut_gap"]
+    diffs = [m["shortcut_gap"] - b["shortcut_gap"] for m, b in
+             zip(results["methods"]["sort"], results["methods"]["baseline"])]
+    assert gap["mean"] == pytest.approx(np.mean(diffs))
+    table = markdown(results)
+    assert "agrees or conflicts with the training prior" in table
+    assert "conflicting_reasoning_accuracy" in table.split("Paired difference")[1]
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_balanced_world_has_no_prior_columns(tiny):
+    _, _, results = tiny
+    assert not any(key in entry for key in PRIOR for entry in results["methods"]["sort"])
+    assert "training prior" not in markdown(results)

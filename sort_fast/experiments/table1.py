@@ -55,7 +55,7 @@ from ..training.evaluation import COLUMNS, format_metric
 from .stats import compare_rows, format_difference
 
 __all__ = ["main", "build_parser", "run_tag", "val_score", "markdown", "plot", "PAPER",
-           "METHODS", "METRICS", "PRIMARY"]
+           "METHODS", "METRICS", "PRIMARY", "PRIOR", "prior_columns"]
 
 PROG = "python -m sort_fast.experiments.table1"
 # row key -> --loss of sort_fast.train
@@ -85,6 +85,13 @@ PRIMARY = {"consistency": True, "coupling_over_mode": True, "coupling": True,
            "reasoning_accuracy": True,
            "sub_accuracy": True, "vqa_accuracy": True, "mp1": True, "mrr": True, "map": True,
            "wpr": False, "wpr_over_range": False}
+# the metrics of a design with a training prior (the shifted-prior world), compared per seed
+# beside PRIMARY: reasoning accuracy, consistency and R✓S✗ on the test questions whose answer
+# agrees or conflicts with the training prior, and the shortcut gap (docs/metrics.md)
+PRIOR = {"shortcut_gap": False, "conflicting_reasoning_accuracy": True,
+         "agreeing_reasoning_accuracy": True, "conflicting_consistency": True,
+         "agreeing_consistency": True, "conflicting_r_right_s_wrong": False,
+         "agreeing_r_right_s_wrong": False}
 # Table 1's columns as the evaluator prints them: (key in table1.json, key in metrics.json,
 # header with its arrow, scale, higher is better)
 METRICS = tuple(("grounding" if key == "grounding_spearman" else key, key,
@@ -271,8 +278,21 @@ def _row(metrics: Dict[str, Any], seed: int, **commands: str) -> Dict[str, Any]:
     and the commands its numbers come from."""
     row = {"seed": seed, **metrics}
     row.update({key: metrics.get(source) for key, source, *_ in METRICS})
+    row.update(prior_columns(metrics))
     row.update(commands)
     return row
+
+
+def prior_columns(metrics: Dict[str, Any]) -> Dict[str, Optional[float]]:
+    """The :data:`PRIOR` metrics of a run's ``prior_agreement`` breakdown under flat names
+    (none for a design without a training prior)."""
+    breakdown = metrics.get("prior_agreement")
+    if not breakdown:
+        return {}
+    flat = {f"{subset}_{key}": breakdown[subset][key] for subset in ("agreeing", "conflicting")
+            for key in ("reasoning_accuracy", "consistency", "r_right_s_wrong")}
+    return {key: breakdown["shortcut_gap"] if key == "shortcut_gap" else flat[key]
+            for key in PRIOR}
 
 
 def _mean_std(values: Sequence[Optional[float]]) -> Tuple[float, float]:
@@ -325,6 +345,17 @@ def markdown(results: Dict[str, Any]) -> str:
                     [[ROW_NAMES[row], *(_cell(key, [r.get(key) for r in per_seed])
                                         for key in (*PRIMARY, *extra))]
                      for row, per_seed in rows.items()])
+    prior = [key for key in PRIOR if any(r.get(key) is not None for per_seed in rows.values()
+                                         for r in per_seed)]
+    if prior:
+        lines += ["", f"Test questions whose answer agrees or conflicts with the training "
+                  f"prior of their template, mean ± std over {seeds} seeds (shortcut_gap: "
+                  "reasoning accuracy on agreeing minus conflicting questions):", ""]
+        lines += _table(["Method", *prior],
+                        [[ROW_NAMES[row], *(_cell(key, [r.get(key) for r in per_seed])
+                                            for key in prior)]
+                         for row, per_seed in rows.items()])
+    compared = (*PRIMARY, *prior)
     for family, title in (("vs_baseline", "Paired difference from the baseline"),
                           ("vs_control", "Paired difference from the control (isolates the "
                                          "Grad-CAM term)")):
@@ -333,9 +364,9 @@ def markdown(results: Dict[str, Any]) -> str:
             continue
         lines += ["", f"{title}: mean [95 % CI] p (Holm over this table), d_z, seeds better:",
                   ""]
-        lines += _table(["Method", *PRIMARY],
+        lines += _table(["Method", *compared],
                         [[ROW_NAMES[row], *("–" if key not in d else format_difference(
-                            d[key], scale=_SCALE.get(key, 100)) for key in PRIMARY)]
+                            d[key], scale=_SCALE.get(key, 100)) for key in compared)]
                          for row, d in comparisons.items()])
     probes = results.get("probes", {})
     templates = sorted({t for per_seed in rows.values() for r in per_seed
@@ -368,15 +399,19 @@ def plot(results: Dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = {"pretrained": results["pretrained"], **results["methods"]}
     keys = ("consistency", "coupling_over_mode", "reasoning_accuracy", "sub_accuracy", "mp1",
             "mrr", "map", "wpr_over_range")
+    if any(r.get("shortcut_gap") is not None for per_seed in rows.values() for r in per_seed):
+        keys = keys[:4] + ("conflicting_reasoning_accuracy",) + keys[4:] + ("shortcut_gap",)
     titles = {**{key: header for key, _, header, _, _ in METRICS},
               "coupling_over_mode": "Coupling over the mode answer ↑",
               "sub_accuracy": "Sub-question accuracy ↑", "map": "MAP ↑",
-              "wpr_over_range": "WPR / cosine range ↓"}
-    rows = {"pretrained": results["pretrained"], **results["methods"]}
+              "wpr_over_range": "WPR / cosine range ↓",
+              "conflicting_reasoning_accuracy": "Reasoning acc., prior-conflicting ↑",
+              "shortcut_gap": "Shortcut gap (agreeing − conflicting) ↓"}
     colours = plt.get_cmap("tab10")(np.arange(len(rows)))
-    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    fig, axes = plt.subplots(2, len(keys) // 2, figsize=(4 * len(keys) // 2, 7))
     x = np.arange(len(rows))
     for ax, key in zip(axes.ravel(), keys):
         k = _SCALE.get(key, 100)
@@ -526,7 +561,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     def compare(control: str, rows: List[str]) -> Dict[str, Any]:
         # a metric undefined in some seed (e.g. coupling without a right reasoning answer) is
         # left out of the family rather than compared on fewer seeds
-        defined = {key: up for key, up in PRIMARY.items()
+        defined = {key: up for key, up in {**PRIMARY, **PRIOR}.items()
                    if all(r.get(key) is not None for row in (control, *rows)
                           for r in per_seed[row])}
         if not rows or len(plan.seeds) < 2 or not defined:
@@ -646,8 +681,9 @@ def build_parser() -> OneLineParser:
                        help="the world: seed of the synthetic benchmark (default: %(default)s)")
     model.add_argument("--synthetic-design", choices=sorted(DESIGNS), default="balanced",
                        help="reasoning templates: balanced (even answer priors; "
-                            "docs/synthetic_benchmark.md) or v1 (the original, with answer "
-                            "priors) (default: %(default)s)")
+                            "docs/synthetic_benchmark.md), shift (strong priors in train and "
+                            "val, the balanced test split: the shifted-prior world) or v1 (the "
+                            "original, with answer priors) (default: %(default)s)")
     model.add_argument("--synthetic-train-groups", type=positive_int,
                        default=train.synthetic_train_groups,
                        help="training groups (default: %(default)s)")

@@ -302,9 +302,10 @@ def build_train_parser() -> OneLineParser:
                       help="training groups of the synthetic benchmark (default: %(default)s)")
     data.add_argument("--synthetic-design", choices=sorted(DESIGNS), default="v1",
                       help="reasoning templates of the synthetic benchmark: v1 (the original, "
-                           "with answer priors) or balanced (even priors, templates two "
-                           "glimpses can perceive; docs/synthetic_benchmark.md; default: "
-                           "%(default)s)")
+                           "with answer priors), balanced (even priors, templates two "
+                           "glimpses can perceive) or shift (balanced's templates with strong "
+                           "answer priors in train and val and balanced's test split; "
+                           "docs/synthetic_benchmark.md; default: %(default)s)")
     data.add_argument("--introspect", type=existing_file, default=None,
                       help="VQA-Introspect training JSON (real data; needs --vqa-questions, "
                            "--vqa-annotations, --features and the --val-* files)")
