@@ -15,7 +15,8 @@ import torch
 
 from .data import Vocab
 from .training.checkpoint import MODEL_KEYS, load_checkpoint, model_from_checkpoint
-from .training.config import EVAL_DIR, CLIError, build_evaluate_parser, run_command
+from .errors import CLIError
+from .training.config import EVAL_DIR, build_evaluate_parser, run_command
 from .training.data import load_val_data
 from .training.distributed import resolve_device
 from .training.evaluation import evaluate, load_hat, write_report

@@ -33,8 +33,9 @@ from .models import PythiaVQA
 from .training.checkpoint import (MODEL_KEYS, TRAINING_KEYS, load_checkpoint, lock_run_dir,
                                   model_from_checkpoint, remove_stale_temp_files, rng_state,
                                   save_checkpoint, set_rng_state)
-from .training.config import (EVAL_DIR, METHOD_NAMES, CLIError, Interrupted,
-                              build_train_parser, command_line, explicit_flags, run_command)
+from .errors import CLIError, Interrupted
+from .training.config import (EVAL_DIR, METHOD_NAMES, build_train_parser, command_line,
+                              explicit_flags, run_command)
 from .training.data import (DataOrder, Datasets, StepBatchSampler, load_train_data,
                             make_loader, model_config)
 from .training.distributed import (DistContext, average_over_processes, close_distributed,

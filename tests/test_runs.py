@@ -25,7 +25,7 @@ from sort_fast.train import main
 from sort_fast.training import checkpoint as ckpt
 from sort_fast.training import data as training_data
 from sort_fast.training import plots
-from sort_fast.training.config import CLIError
+from sort_fast.errors import CLIError
 
 from test_train import TINY, assert_same_params, metrics, params, run, steps_logged
 

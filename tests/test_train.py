@@ -16,7 +16,7 @@ import torch
 
 from sort_fast.train import main
 from sort_fast.training import checkpoint as ckpt
-from sort_fast.training.config import CLIError
+from sort_fast.errors import CLIError
 
 TINY = ["--synthetic-train-groups", "40", "--synthetic-val-groups", "20", "--hidden-dim", "16",
         "--joint-dim", "32", "--batch-groups", "8", "--warmup-steps", "2", "--device", "cpu"]

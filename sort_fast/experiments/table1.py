@@ -48,7 +48,8 @@ from tqdm.auto import tqdm
 
 from ..training.checkpoint import atomic_write
 from ..data.synthetic import COLOURS, DESIGNS, TYPES
-from ..training.config import (CLIError, OneLineParser, build_train_parser, non_negative_float,
+from ..errors import CLIError
+from ..training.config import (OneLineParser, build_train_parser, non_negative_float,
                                non_negative_int, positive_float, positive_int, run_command)
 from ..training.data import synthetic_split
 from ..training.evaluation import COLUMNS, format_metric

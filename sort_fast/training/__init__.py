@@ -1,7 +1,8 @@
 """Shared pieces of ``sort_fast.train`` and ``sort_fast.evaluate``: flags, data order,
 checkpoints, objectives, the evaluation routine, plots and logs."""
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import CLIError, build_evaluate_parser, build_train_parser
+from ..errors import CLIError
+from .config import build_evaluate_parser, build_train_parser
 from .data import DataOrder
 from .evaluation import EvalResult, evaluate, format_table, write_report
 from .objective import Objective, attention_alignment, gradcam_gradient

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..models import PythiaConfig, PythiaVQA
-from .config import CLIError
+from ..errors import CLIError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "atomic_write",
            "content_digest", "lock_run_dir", "remove_stale_temp_files", "model_from_checkpoint",

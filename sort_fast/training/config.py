@@ -8,14 +8,14 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import signal
 import sys
 from typing import Any, Callable, List, NoReturn, Optional, Sequence
 
 from ..data.synthetic import DESIGNS
+from ..errors import CLIError, Interrupted
 from ..models.pythia import INPUT_ABLATIONS
 
-__all__ = ["CLIError", "Interrupted", "OneLineParser", "build_train_parser",
+__all__ = ["OneLineParser", "build_train_parser",
            "build_evaluate_parser", "command_line", "require_all", "LOSSES", "METHOD_NAMES",
            "EVAL_DIR"]
 
@@ -24,21 +24,6 @@ METHOD_NAMES = {"bce": "Pythia", "squint": "Pythia + SQuINT", "sort-sq": "Pythia
                 "sort": "Pythia + SOrT (SQ + IQ)",
                 "role-bce": "Pythia + SOrT's BCE weights (no Grad-CAM term)"}
 EVAL_DIR = "eval"  # the evaluator's output folder beside the checkpoint, unless --out says
-
-
-class CLIError(Exception):
-    """A user-facing problem (bad flag combination, unreadable or malformed file, incompatible
-    checkpoint); the command-line entry points print its message on one line and exit 2."""
-
-
-class Interrupted(Exception):
-    """A run stopped by signal ``signum`` after saving its state; ``resume`` is the command
-    that continues it."""
-
-    def __init__(self, signum: int, step: int, resume: str) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; the "
-                         "checkpoint is saved, resume with:")
-        self.signum, self.resume = signum, resume
 
 
 def run_command(prog: str, command: Callable[[argparse.Namespace], object],

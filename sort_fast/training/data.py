@@ -10,7 +10,8 @@ import torch
 
 from ..data import Group, IntrospectDataset, SyntheticIntrospect, Vocab, collate_groups
 from ..models import PythiaConfig
-from .config import CLIError, require_all
+from ..errors import CLIError
+from .config import require_all
 
 __all__ = ["Datasets", "DataOrder", "StepBatchSampler", "make_loader", "load_train_data",
            "load_val_data", "model_config"]

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import CLIError
+from ..errors import CLIError
 
 __all__ = ["DistContext", "resolve_device", "init_distributed", "wrap_model",
            "average_over_processes", "gather_objects", "close_distributed"]

@@ -27,7 +27,7 @@ from ..metrics import ConsistencyMeter, ranking_metrics_packed
 from ..models import PythiaVQA
 from ..ops.contrastive_loss import gradcam_similarity
 from .checkpoint import atomic_write
-from .config import CLIError
+from ..errors import CLIError
 from .objective import gradcam_gradient
 from .prior_metrics import prior_agreement, prior_breakdown
 

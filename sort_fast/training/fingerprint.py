@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from ..data import Group
-from .config import CLIError
+from ..errors import CLIError
 from .data import TRAIN_FILES, Datasets
 
 __all__ = ["data_fingerprint", "check_fingerprint", "FINGERPRINT_PARTS"]
