@@ -32,9 +32,9 @@ from typing import Callable, Dict, Tuple
 import pytest
 import torch
 import torch.nn.functional as F
+
 from bench_loss import vectorized_hinge
 from common import peak_memory_bytes, synchronize
-
 from sort_fast.heads import mlp_head, pythia_classifier
 from sort_fast.ops.head_gradcam import head_gradcam
 

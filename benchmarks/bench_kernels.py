@@ -44,11 +44,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import append_jsonl, packed_layout  # noqa: E402
-
 from sort_fast import contrastive_gradient_loss, head_gradcam  # noqa: E402
 from sort_fast.heads import pythia_classifier  # noqa: E402
 from sort_fast.ops import contrastive_loss as cl  # noqa: E402
-from sort_fast.ops.head_gradcam import kernel_supported  # noqa: E402
+from sort_fast.ops.gather_mm import kernel_supported  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 HEAD_TOLERANCE = {"fp32": 1e-3, "bf16": 3e-2}

@@ -15,8 +15,9 @@ Inputs: ``grad`` and ``act`` ``[T, D]`` float32 leaves at Pythia width (D = 5000
 * ``vectorized``: packed layout, ``F.cosine_similarity`` and a dense padded pairwise hinge in
   plain PyTorch, autograd backward.
 * ``compiled``: ``torch.compile`` of ``vectorized``.
-* ``loop``: :func:`triple_loop_loss`, sort_fast's loss (the mean over a group's pairs, then over
-  groups) computed one ``(R, S, I)`` triple at a time in a Python loop.
+* ``loop``: :func:`triple_loop_loss`, the tests' reference loss
+  (:func:`sort_fast.reference.reference_loss`, the mean over a group's pairs, then over
+  groups) computed one ``(R, S, I)`` triple at a time in a Python loop, in float32.
 
 Groups ``loss-{forward,backward,full}-{size}`` time the forward (building the graph), the
 backward alone (forward done in untimed setup) and both. Every path's loss and gradients are
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 
 from common import DEVICE, packed_layout, peak_memory_bytes, synchronize
 from sort_fast import contrastive_gradient_loss
+from sort_fast.reference import reference_loss
 
 DIM = 5000
 SIZES = {"pythia": 64, "pythia_x8": 512}
@@ -70,25 +72,10 @@ def vectorized_hinge(G, offsets, num_sub, eps=1e-8):
 
 
 def triple_loop_loss(grad, act, offsets, num_sub):
-    """sort_fast's contrastive gradient loss (docs/math.md) from a Python loop over the
-    (reasoning, sub, irrelevant) triples of ``grad``, ``act`` ``[T, D]``: one hinge per triple,
-    the mean over a group's pairs, then over the groups that have a pair."""
-    G = grad * act
-    losses = []
-    for g in range(num_sub.numel()):
-        a, b, k = int(offsets[g]), int(offsets[g + 1]), int(num_sub[g])
-        r = G[a:a + 1]
-        for s in range(a + 1, a + 1 + k):
-            for i in range(a + 1 + k, b):
-                sim_i = F.cosine_similarity(r, G[i:i + 1])
-                sim_s = F.cosine_similarity(r, G[s:s + 1])
-                losses.append(F.relu(sim_i - sim_s))
-    # mean over pairs of a group, then over groups (as the fused op defines it)
-    per_pair = torch.cat(losses)
-    pairs = num_sub * (offsets[1:] - offsets[:-1] - 1 - num_sub)
-    group = torch.repeat_interleave(torch.arange(pairs.numel(), device=G.device), pairs)
-    per_group = torch.zeros(pairs.numel(), device=G.device).index_add(0, group, per_pair)
-    return (per_group[pairs > 0] / pairs[pairs > 0]).mean()
+    """:func:`sort_fast.reference.reference_loss` in the inputs' dtype: one hinge per
+    (reasoning, sub, irrelevant) triple in a Python loop, the mean over a group's pairs, then
+    over the groups that have a pair."""
+    return reference_loss(grad, act, offsets, num_sub, dtype=None)
 
 
 @functools.lru_cache(maxsize=None)

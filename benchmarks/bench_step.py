@@ -37,6 +37,9 @@ group (SOrT hinge, margin 0) plus the BCE terms (``λ = 2.27, 2.27, 3e-4``), bac
   closed-form :func:`~sort_fast.ops.head_gradcam.head_gradcam`, :class:`~sort_fast.SOrTLoss`.
 * ``fused_compiled``: the same objective under ``torch.compile`` (the trainer's
   ``--compile``: one graph, no break), compiled in the untimed warm-up step.
+* ``fused_cuda_graph`` (GPU only): the fused step on the batch padded to a static shape,
+  compiled with ``mode="reduce-overhead"`` and replayed as a CUDA graph
+  (:func:`make_cuda_graph_step`).
 
 Group ``step-<size>``; ``extra_info``: ``triples_per_s`` (triples / median step time) and
 ``peak_mb`` (one step after a warm-up step, so without the optimizer state's first allocation,
@@ -65,13 +68,15 @@ import torch
 import torch.nn.functional as F
 
 from bench_loss import vectorized_loss
-from common import DEVICE, peak_memory_bytes, synchronize
+from common import DEVICE, peak_memory_bytes, smoke, synchronize
 from sort_fast import contrastive_gradient_loss
 from sort_fast.data import PackedBatch, SyntheticIntrospect, collate_groups
+from sort_fast.data.buckets import ShapeBuckets, pad_to_bucket
 from sort_fast.losses import role_bce
 from sort_fast.models import PythiaConfig, PythiaVQA, pythia_sizes
 from sort_fast.train import compiled_step
 from sort_fast.training import Objective, gradcam_gradient
+from sort_fast.training.static_step import compile_static_step, make_optimizer, train_step
 
 NUM_GROUPS = 64
 LAMBDAS = (2.27, 2.27, 3e-4)
@@ -359,6 +364,52 @@ def test_step_fused(benchmark, size):
 @sizes
 def test_step_fused_compiled(benchmark, size):
     _bench_step(benchmark, "fused_compiled", size)
+
+
+def make_cuda_graph_step(size: str) -> Callable[[], None]:
+    """The trainer's ``--cuda-graphs`` step (docs/ops.md, "Static shapes and CUDA graphs"): the
+    batch padded on the host to a static shape, the objective under
+    ``compile_static_step(mode="reduce-overhead")`` (CUDA graphs), Adamax with
+    ``capturable=True``, :func:`~sort_fast.training.static_step.train_step`. Under
+    ``SORT_BENCH_SMOKE=1`` on the CPU it traces with Dynamo's ``eager`` backend instead (no
+    graphs, no Inductor): the code path is exercised, the time means nothing."""
+    s = setup(size)
+    model = copy.deepcopy(s.model).train()
+    batch = pad_to_bucket(s.batch.to("cpu"), ShapeBuckets())
+    padded_total = make_objective()(copy.deepcopy(s.model).eval(), batch)[0].detach()
+    torch.testing.assert_close(padded_total, reference("fused", size)["total"].cpu(),
+                               rtol=1e-5, atol=1e-6, msg=lambda m: f"padded batch ({size}): {m}")
+    batch = batch.pin_memory().to(DEVICE, non_blocking=True) if DEVICE.type == "cuda" else batch
+    graphs = DEVICE.type == "cuda"
+    optimizer = make_optimizer(model.parameters(), 1e-3, capturable=graphs)
+    objective = make_objective()
+    loss_fn = compile_static_step(objective, **({"mode": "reduce-overhead"} if graphs
+                                                else {"backend": "eager"}))
+
+    def step() -> None:
+        train_step(model, batch, objective, optimizer, loss_fn=loss_fn)
+        synchronize()
+
+    return step
+
+
+@sizes
+def test_step_fused_cuda_graph(benchmark, size):
+    """The fused step captured in a CUDA graph (replayed every step after three warm-up steps:
+    compilation, recording, capture); the padded batch is first checked against the unpadded
+    total in eval mode."""
+    if DEVICE.type != "cuda" and not smoke():
+        pytest.skip("CUDA graphs need a GPU")
+    checked("fused", size)
+    benchmark.group = f"step-{size}"
+    step = make_cuda_graph_step(size)
+    for _ in range(3):
+        step()
+    benchmark.extra_info["peak_mb"] = peak_memory_bytes(step) / 2**20
+    benchmark.pedantic(step, rounds=ROUNDS[size]["fused"])
+    if benchmark.stats:
+        benchmark.extra_info["triples_per_s"] = (
+            setup(size).triple_group.numel() / benchmark.stats.stats.median)
 
 
 STAGES = ("forward", "gradcam", "loss", "backward", "optimizer")

@@ -16,6 +16,7 @@ import os
 from typing import Iterator, List
 
 import pytest
+
 from common import SMOKE_ROUNDS, SMOKE_SIZES, append_jsonl, full_only, smoke
 
 JSONL_ENV = "SORT_BENCH_JSONL"

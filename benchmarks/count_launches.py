@@ -49,7 +49,7 @@ def count_step(amp: str = "none", foreach: bool = False,
     objective = Objective(args.loss, lambda_reasoning=args.lambda_reasoning,
                           lambda_sub=args.lambda_sub, lambda_irrelevant=args.lambda_irrelevant,
                           margin=args.margin, lambda_attention=args.lambda_attention,
-                          naive=args.naive)
+                          naive=args.autograd_reference)
     optimizer = torch.optim.Adamax(model.parameters(), lr=args.lr, foreach=foreach or None)
     census = OpCensus()
 

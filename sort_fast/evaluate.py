@@ -14,12 +14,13 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 
 from .data import Vocab
-from .training.checkpoint import MODEL_KEYS, load_checkpoint, model_from_checkpoint
 from .errors import CLIError
+from .training.checkpoint import MODEL_KEYS, load_checkpoint, model_from_checkpoint
 from .training.config import EVAL_DIR, build_evaluate_parser, run_command
 from .training.data import load_val_data
 from .training.distributed import resolve_device
-from .training.evaluation import evaluate, load_hat, write_report
+from .training.eval_report import write_report
+from .training.evaluation import evaluate, load_hat
 from .training.logs import setup_logging
 
 __all__ = ["main", "evaluate_checkpoint"]
@@ -49,7 +50,7 @@ def evaluate_checkpoint(args) -> Dict[str, Any]:
     log.info("evaluating %s (%s, step %d) on %d validation groups", args.checkpoint,
              state["method"], state["step"], len(data.val))
     result = evaluate(model, data.val, batch_groups=args.batch_groups, device=device,
-                      naive=args.naive, answer_vocab=data.answer_vocab,
+                      naive=args.autograd_reference, answer_vocab=data.answer_vocab,
                       hat_maps=load_hat(args.hat_dir, data.val),
                       templates=getattr(data.val, "templates", None))
     table = write_report(result, out, method=state["method"],

@@ -37,7 +37,8 @@ class GradCAM:
                 names = [name for name, _ in model.named_modules() if name]
                 raise ValueError(f"model has no submodule {layer!r}; it has {names}") from e
         elif not isinstance(layer, nn.Module):
-            raise TypeError(f"layer must be a submodule name or an nn.Module, got {type(layer).__name__}")
+            raise TypeError("layer must be a submodule name or an nn.Module, got "
+                            f"{type(layer).__name__}")
         self.model = model
         self.layer = layer
         self._handle: Optional[torch.utils.hooks.RemovableHandle] = None
@@ -61,7 +62,8 @@ class GradCAM:
     def _capture(self, module: nn.Module, inputs: Any, output: Any) -> torch.Tensor:
         if not isinstance(output, torch.Tensor) or not output.is_floating_point():
             raise TypeError(
-                f"GradCAM needs the layer to output one floating-point tensor, got {type(output).__name__}"
+                "GradCAM needs the layer to output one floating-point tensor, got "
+                f"{type(output).__name__}"
             )
         if torch.is_grad_enabled() and not output.requires_grad:
             # e.g. an Identity on an input: track a new leaf from here, leave the caller's tensor be
@@ -89,7 +91,8 @@ class GradCAM:
         """``scores [T, A]``, ``classes [T]`` int64 -> ``G = dy_c/dA * A`` (shape of ``A``)."""
         act = self.activation
         if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
-            raise ValueError(f"scores must be a 2-D [T, A] tensor, got {getattr(scores, 'shape', scores)}")
+            raise ValueError("scores must be a 2-D [T, A] tensor, got "
+                             f"{getattr(scores, 'shape', scores)}")
         check_classes(classes, scores.shape[0], scores.device)
         check_class_range(classes, scores.shape[1])
         if not scores.requires_grad:

@@ -14,7 +14,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ["Layout", "check_layout", "validate_layout", "group_ids", "row_roles",
-           "candidate_layout", "carry_facts", "class_range", "remember", "recall"]
+           "candidate_layout", "copy_validation", "class_range", "remember", "recall"]
 
 ROLE_REASONING, ROLE_SUB, ROLE_IRRELEVANT = 0, 1, 2
 
@@ -67,8 +67,8 @@ def recall(t: torch.Tensor, name: str, *companions: torch.Tensor) -> Any:
     return fact
 
 
-def carry_facts(source: Tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                target: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+def copy_validation(source: Tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                    target: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
     """What was validated about ``(offsets, num_sub, classes)`` of a batch holds for a copy with
     the same values (``target``, e.g. the batch moved to a GPU): recorded for it too. The
     copy's group sizes are computed from its own offsets, on its device (nothing is copied

@@ -1,8 +1,8 @@
 """The total SOrT loss (docs/math.md, paper Eq. 3) as a drop-in ``nn.Module``."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Dict, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +31,6 @@ class SOrTLossOutput:
     bce_reasoning: torch.Tensor
     bce_sub: torch.Tensor
     bce_irrelevant: torch.Tensor
-
-    def as_dict(self) -> Dict[str, float]:
-        """Detached Python floats, for logging."""
-        return {f.name: float(getattr(self, f.name).detach()) for f in fields(self)}
 
 
 def row_mask(group_mask: torch.Tensor, offsets: torch.Tensor, num_rows: int,

@@ -191,7 +191,8 @@ def test_non_finite_tsv_features_are_an_error(real, bad):
 def test_non_finite_tsv_image_size_is_an_error(real, size):
     lines = real["tsv"].read_text().splitlines()
     real["tsv"].write_text("\n".join([_tsv_row(42, real["feats"][42], size)] + lines[1:]) + "\n")
-    with pytest.raises(ValueError, match="feats.tsv: image 42: image size must be positive and finite"):
+    with pytest.raises(ValueError,
+                       match="feats.tsv: image 42: image size must be positive and finite"):
         _open(real, "tsv")[0]
 
 

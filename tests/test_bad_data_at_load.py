@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_data import _open
-from test_data import real as real_files  # noqa: F401  (a fixture, named so below)
 
 from sort_fast.data import load_hat_maps, save_region_info
 from sort_fast.evaluate import main as evaluate_main
 from sort_fast.train import main
+from test_data import _open
+from test_data import real as real_files  # noqa: F401  (a fixture, named so below)
 
 TINY = ["--hidden-dim", "16", "--joint-dim", "32", "--batch-groups", "2", "--max-steps", "2",
         "--eval-every", "0", "--no-plots", "--device", "cpu"]

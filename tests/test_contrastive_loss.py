@@ -1,63 +1,23 @@
-"""Contrastive gradient loss and Grad-CAM similarity against a float64 plain-autograd loop."""
+"""Contrastive gradient loss and Grad-CAM similarity against the float64 plain-autograd loop
+of :mod:`sort_fast.reference`."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import sort_fast
-from sort_fast import contrastive_gradient_loss, gradcam_similarity
-
 from conftest import TRITON_DEVICE
+from sort_fast import contrastive_gradient_loss, gradcam_similarity
+from sort_fast.reference import EPS, reference_loss, reference_similarity
 
 triton = pytest.importorskip("triton")
 from sort_fast.ops import contrastive_loss_kernels  # noqa: E402  (needs TRITON_INTERPRET first)
 from test_kernel_scalars import gpu_scalar_params  # noqa: E402, F401  (a fixture)
-
-EPS = 1e-8
 
 
 @pytest.fixture(autouse=True)
 def _gpu_scalars(gpu_scalar_params):
     """Every kernel here gets its float arguments typed as on a GPU (test_kernel_scalars.py),
     so that a scalar rounded to fp32 fails the float64 comparisons."""
-
-
-# ----------------------------------------------------------------------------- reference
-def cosine(x, r, eps=EPS):
-    """The cosine of docs/math.md, written out: x.r / (max(|x|, eps) max(|r|, eps))."""
-    return (x @ r) / (x.norm(dim=-1).clamp_min(eps) * r.norm().clamp_min(eps))
-
-
-def reference_loss(grad, act, offsets, num_sub, margin=0.0, mode="contrastive",
-                   reduction="mean", eps=EPS):
-    G = grad.double() * act.double()
-    losses, counted = [], 0
-    for g in range(num_sub.numel()):
-        a, b, k = int(offsets[g]), int(offsets[g + 1]), int(num_sub[g])
-        cos = cosine(G[a + 1:b], G[a], eps)
-        s, i = cos[:k], cos[k:]
-        if mode == "sq_only":
-            losses.append((1 - s).mean())
-            counted += 1
-        elif i.numel() == 0:
-            losses.append(torch.zeros((), dtype=G.dtype))  # uses no vector: never NaN
-        else:
-            losses.append(F.relu(margin + i[None, :] - s[:, None]).mean())
-            counted += 1
-    per_group = torch.stack(losses)
-    if reduction == "none":
-        return per_group
-    if reduction == "sum":
-        return per_group.sum()
-    return per_group.sum() / counted if counted else per_group.sum() * 0
-
-
-def reference_similarity(grad, act, offsets, eps=EPS):
-    G = grad.double() * act.double()
-    out = []
-    for g in range(offsets.numel() - 1):
-        a, b = int(offsets[g]), int(offsets[g + 1])
-        out += [torch.ones(1, dtype=G.dtype), cosine(G[a + 1:b], G[a], eps)]
-    return torch.cat(out)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -206,7 +166,8 @@ def test_results_are_bitwise_repeatable(backend):
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # interpreter
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("row", [0, 1, 3])  # group 0: its reasoning row, a sub-question, an irrelevant one
+# group 0: its reasoning row, a sub-question, an irrelevant one
+@pytest.mark.parametrize("row", [0, 1, 3])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_input_gives_non_finite_loss(backend, row, value):
     """A NaN or inf in a Grad-CAM vector that a group's loss uses makes that loss NaN, as in
@@ -219,11 +180,10 @@ def test_non_finite_input_gives_non_finite_loss(backend, row, value):
     assert torch.isnan(want[0]) and torch.isnan(got[0])
     torch.testing.assert_close(got[1:].double(), want[1:], **FLOAT64)
     for reduction in ("mean", "sum"):
-        loss = contrastive_gradient_loss(grad.to(TRITON_DEVICE if backend == "triton" else "cpu"),
-                                         act.to(TRITON_DEVICE if backend == "triton" else "cpu"),
-                                         offsets.to(TRITON_DEVICE if backend == "triton" else "cpu"),
-                                         num_sub.to(TRITON_DEVICE if backend == "triton" else "cpu"),
-                                         reduction=reduction, backend=backend)
+        device = TRITON_DEVICE if backend == "triton" else "cpu"
+        loss = contrastive_gradient_loss(grad.to(device), act.to(device), offsets.to(device),
+                                         num_sub.to(device), reduction=reduction,
+                                         backend=backend)
         assert torch.isnan(loss)
 
 
@@ -339,12 +299,12 @@ def test_rows_that_are_not_long_keep_their_bits():
     """Ordinary float32 rows take exactly the plain formulas (Table 1 reproduces bit for bit):
     none of them is long, and even rescaling every row by its power of two (what a long row
     gets) leaves every output bit unchanged: the scaling is exact."""
-    from sort_fast.ops.contrastive_loss import _TorchBackend
+    from sort_fast.ops import contrastive_loss_torch
 
     grad, act, offsets, num_sub = make_inputs(*RAGGED, dim=300, dtype=torch.float32, seed=9)
     G = grad * act
     norm = torch.linalg.vector_norm(G, dim=1)
-    assert _TorchBackend._long_rows(norm).numel() == 0
+    assert contrastive_loss_torch.long_rows(norm).numel() == 0
     start = offsets[:-1]
     gid = torch.repeat_interleave(torch.arange(num_sub.numel()), offsets.diff())
     cos = torch.einsum("td,td->t", G, G[start][gid]) / (
@@ -354,10 +314,10 @@ def test_rows_that_are_not_long_keep_their_bits():
     plain = run(contrastive_gradient_loss, grad, act, offsets, num_sub, margin=0.2,
                 backend="torch", reduction="none")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_TorchBackend, "_long_rows",
-                      staticmethod(lambda norm: torch.arange(norm.numel())))
+        patch.setattr(contrastive_loss_torch, "long_rows",
+                      lambda norm: torch.arange(norm.numel()))
         G_all = G.clone()
-        scale, _ = _TorchBackend._scale_rows(G_all, torch.arange(G.shape[0]))
+        scale, _ = contrastive_loss_torch.scale_rows(G_all, torch.arange(G.shape[0]))
         assert (scale != 1).all()
         scaled = run(contrastive_gradient_loss, grad, act, offsets, num_sub, margin=0.2,
                      backend="torch", reduction="none")

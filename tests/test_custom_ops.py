@@ -7,13 +7,13 @@ import torch
 from torch import nn
 
 import sort_fast
+from conftest import TRITON_DEVICE
 from sort_fast import contrastive_gradient_loss, gradcam_similarity, head_gradcam
 from sort_fast.heads import mlp_head, pythia_classifier
 from sort_fast.layout import check_layout, class_range
 from sort_fast.ops import contrastive_loss as cl
-from sort_fast.ops import head_gradcam as hg
-
-from conftest import TRITON_DEVICE
+from sort_fast.ops.gather_mm import gather_mm, masked_gather_mm
+from sort_fast.ops.norm_act_gradcam import norm_act_gradcam
 
 OFFSETS = torch.tensor([0, 4, 6, 12, 15])
 NUM_SUB = torch.tensor([1, 1, 2, 1])
@@ -57,13 +57,13 @@ def test_opcheck_head_ops(backend):
     tests = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic") \
         if dtype != torch.float64 else None
     kw = {} if tests is None else {"test_utils": tests}
-    torch.library.opcheck(hg.masked_gather_mm, (mask, classes, w2, w1, backend), **kw)
+    torch.library.opcheck(masked_gather_mm, (mask, classes, w2, w1, backend), **kw)
     upstream = torch.randn(7, 5).to(device, dtype)
     for args in ((w2, classes, mask, w1, None, False),        # g = (M * W2[c]) W1
                  (w2, classes, mask, upstream, None, True),   # dL/dW1 = (M * W2[c])^T U
                  (upstream, None, None, w1.t(), mask, False)):  # (U W1^T) * M
         args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-        torch.library.opcheck(hg.gather_mm, (*args, torch.float32, backend), **kw)
+        torch.library.opcheck(gather_mm, (*args, torch.float32, backend), **kw)
 
 
 # ----------------------------------------------------------------------------- fullgraph
@@ -278,13 +278,13 @@ def test_norm_act_gradcam_op(normalize, affine, activation):
     beta = torch.randn(7, generator=gen, dtype=torch.float64).requires_grad_() if affine else None
     rows = torch.randn(5, 7, generator=gen, dtype=torch.float64, requires_grad=True)
     args = (z, gamma, beta, rows, 1e-5, normalize, activation)
-    torch.library.opcheck(hg.norm_act_gradcam, args)
+    torch.library.opcheck(norm_act_gradcam, args)
     leaves = [t for t in (z, gamma, beta, rows) if t is not None]
 
     def first_output(*xs):
         it = iter(xs)
         full = [next(it) if t is not None else None for t in (z, gamma, beta, rows)]
-        return hg.norm_act_gradcam(*full, 1e-5, normalize, activation)
+        return norm_act_gradcam(*full, 1e-5, normalize, activation)
 
     if activation != "relu":  # ReLU's kink makes finite differences meaningless at 0
         assert torch.autograd.gradcheck(first_output, leaves)

@@ -16,7 +16,8 @@ from sort_fast.evaluate import main as evaluate_main
 from sort_fast.models import PythiaConfig, PythiaVQA
 from sort_fast.train import main as train_main
 from sort_fast.training import checkpoint as ckpt
-from sort_fast.training.evaluation import COLUMNS, evaluate, format_table
+from sort_fast.training.evaluation import evaluate
+from sort_fast.training.metrics_table import COLUMNS, format_table
 from sort_fast.training.plots import PLOTS
 
 TINY = ["--synthetic-train-groups", "40", "--synthetic-val-groups", "20", "--hidden-dim", "16",

@@ -7,10 +7,27 @@ import shlex
 import numpy as np
 import pytest
 
+from saved_figures import markers, saved_figures, suptitle
 from sort_fast import evaluate as evaluate_cli
 from sort_fast import train as train_cli
-from sort_fast.experiments.table1 import (METHODS, METRICS, PAPER, PRIMARY, PRIOR, PROBES,
-                                         main, markdown, run_tag, val_score)
+from sort_fast.experiments import table1
+from sort_fast.experiments.columns import SHORT_NAMES
+from sort_fast.experiments.protocol import check_protocol
+from sort_fast.experiments.table1 import (
+    METHODS,
+    METRICS,
+    PAPER,
+    PRIMARY,
+    PRIOR,
+    PROBES,
+    build_parser,
+    main,
+    markdown,
+    plot,
+    protocol_flags,
+    run_tag,
+    val_score,
+)
 
 TINY = ["--jobs", "1", "--seeds", "2", "--tune-seeds", "1", "--probe-seeds", "1",
         "--pretrain-epochs", "2", "--finetune-epochs", "1", "--rows", *METHODS,
@@ -140,9 +157,26 @@ def test_rerun_reuses_finished_runs_and_refuses_another_protocol(tiny, capsys):
     assert "--finetune-epochs" in capsys.readouterr().err
 
 
-def test_figure_and_table(tiny):
+def test_figure_and_table(tiny, tmp_path):
     root, _, results = tiny
     assert (root / "table1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with saved_figures() as figures:
+        plot(results, tmp_path / "again.png")
+    assert (tmp_path / "again.png").read_bytes() == (root / "table1.png").read_bytes()
+    rows = {"pretrained": results["pretrained"], **results["methods"]}
+    axes = figures[0].axes
+    assert [ax.get_title() for ax in axes][:4] == ["Consistency% ↑",
+                                                   "Coupling over the mode answer ↑",
+                                                   "Reas. Accuracy% ↑", "Sub-question accuracy ↑"]
+    for ax, key in zip(axes, ("consistency", "coupling_over_mode", "reasoning_accuracy",
+                              "sub_accuracy", "mp1", "mrr", "map", "wpr_over_range")):
+        seeds = [[100 * r[key] for r in per_seed if r[key] is not None]
+                 for per_seed in rows.values()]
+        np.testing.assert_allclose([bar.get_height() for bar in ax.patches],
+                                   [np.mean(v) for v in seeds])
+        np.testing.assert_allclose(np.concatenate([d.get_ydata() for d in markers(ax, "o")]),
+                                   np.concatenate(seeds))
+        assert [t.get_text() for t in ax.get_xticklabels()] == [SHORT_NAMES[r] for r in rows]
     table = markdown(results)
     assert table == (root / "runs" / "table1.md").read_text().strip()
     assert "Pythia + SOrT (SQ + IQ)" in table and "*paper: Pythia + SQuINT*" in table
@@ -205,3 +239,74 @@ def test_balanced_world_has_no_prior_columns(tiny):
     _, _, results = tiny
     assert not any(key in entry for key in PRIOR for entry in results["methods"]["sort"])
     assert "training prior" not in markdown(results)
+
+
+# the protocol flags as the hand-kept list of the first protocol named them, in its order
+RECORDED_PROTOCOL_FLAGS = (
+    "seeds", "tune_seeds", "probe_seeds", "rows", "pretrain_epochs", "finetune_epochs",
+    "attention_grid", "bce_grid", "irrelevant_grid", "margin", "hidden_dim", "joint_dim",
+    "image_glimpses", "batch_groups", "lr", "synthetic_seed", "synthetic_design",
+    "synthetic_train_groups", "synthetic_val_groups", "synthetic_test_groups", "device")
+
+
+def test_protocol_flags_come_from_the_parser_in_the_recorded_order():
+    assert protocol_flags(build_parser()) == RECORDED_PROTOCOL_FLAGS
+
+
+def test_a_protocol_flag_added_to_the_parser_is_compared_on_a_rerun(tmp_path, monkeypatch,
+                                                                     capsys):
+    def with_knob():
+        parser = build_parser()
+        group = next(g for g in parser._action_groups if g.title == table1.PROTOCOL_GROUP)
+        group.add_argument("--knob", type=int, default=1, help="a new protocol flag")
+        return parser
+
+    monkeypatch.setattr(table1, "build_parser", with_knob)
+    root = tmp_path / "runs"
+    argv = ["--out", str(root), "--json", "", "--figure", "", *TINY]
+    stored = check_protocol(with_knob().parse_args(argv), root, protocol_flags(with_knob()))
+    assert stored["knob"] == 1 and json.loads((root / "protocol.json").read_text()) == stored
+    assert main([*argv, "--knob", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "(--knob differ)" in err and err.count("\n") == 1
+
+
+def _fake_results(prior: bool) -> dict:
+    """Table 1 results of three rows and two seeds: row i, seed s scores 0.1 (i + 1) + 0.01 s
+    on every metric; with ``prior`` also on the prior columns."""
+    keys = ["consistency", "coupling_over_mode", "reasoning_accuracy", "sub_accuracy", "mp1",
+            "mrr", "map", "wpr_over_range", *(PRIOR if prior else ())]
+    rows = [[{"seed": s, **{k: 0.1 * (i + 1) + 0.01 * s for k in keys}} for s in (0, 1)]
+            for i in range(3)]
+    return {"pretrained": rows[0], "methods": {"baseline": rows[1], "sort": rows[2]},
+            "paper": PAPER, "protocol": {"synthetic_design": "shift", "synthetic_seed": 3}}
+
+
+@pytest.mark.parametrize("prior", [False, True])
+def test_figure_shows_every_rows_mean_its_seeds_and_the_papers_value(tmp_path, prior):
+    results = _fake_results(prior)
+    with saved_figures() as figures:
+        plot(results, tmp_path / "t.png")
+    (figure,) = figures
+    assert "shift design, world 3" in suptitle(figure)
+    assert "2 seeds" in suptitle(figure)
+    titles = [ax.get_title() for ax in figure.axes]
+    assert len(titles) == (10 if prior else 8)
+    assert ("Shortcut gap (agreeing − conflicting) ↓" in titles) == prior
+    assert ("Reasoning acc., prior-conflicting ↑" in titles) == prior
+    column = {header: key for key, _, header, *_ in METRICS}
+    for ax in figure.axes:
+        np.testing.assert_allclose([bar.get_height() for bar in ax.patches],
+                                   [10.5, 20.5, 30.5])
+        np.testing.assert_allclose([bar.get_x() + bar.get_width() / 2 for bar in ax.patches],
+                                   [0, 1, 2])
+        dots = markers(ax, "o")
+        np.testing.assert_allclose([d.get_ydata() for d in dots], [[10, 11], [20, 21], [30, 31]])
+        diamonds = markers(ax, "D")
+        key = column.get(ax.get_title())
+        if key is None:  # not a column of the paper's Table 1
+            assert diamonds == []
+        else:
+            assert [(float(d.get_xdata()[0]), float(d.get_ydata()[0])) for d in diamonds] == [
+                (1.0, pytest.approx(100 * PAPER["baseline"][key])),
+                (2.0, pytest.approx(100 * PAPER["sort"][key]))]

@@ -61,11 +61,8 @@ def test_dry_run_records_every_part(dry_run):
     status = dict(re.findall(r"^gpu\.sh part (\S+): (.*)$", (out / "log.txt").read_text(),
                              re.M))
     assert list(status) == PARTS, status
-    for name in ("build", "loss", "step", "head", "tests", "train"):
+    for name in PARTS:
         assert status[name].startswith(("ok", "exit 0")), (name, status[name])
-    # the CUDA-graph part selects bench_step's `cuda_graph` tests: none yet (exit 4, "selected
-    # no benchmark") or ones that pass or skip on the CPU
-    assert status["graph"].startswith(("exit 0", "exit 4")), status["graph"]
 
     loss = [r for r in jsonl(out / "loss.jsonl") if "size" in r]
     assert sorted((r["size"], r["dtype"]) for r in loss) == sorted(
@@ -104,10 +101,8 @@ def test_dry_run_prints_the_summary_last(dry_run):
     assert re.search(r"\| pythia_x8 \| bf16 \| \d+ \| [0-9.]+ \| [0-9.]+ \|", summary)
     assert re.search(r"small: fused step [0-9.]+x plain autograd", summary)
     assert re.search(r"\| bf16 \| closed_triton \| True \|", summary)
-    # the CUDA-graph step: timed, or a line saying why not (no `cuda_graph` benchmark yet, or
-    # skipped on the CPU)
-    assert re.search(r"small: CUDA-graph step [0-9.]+x|- CUDA-graph step: (not measured|no "
-                     r"result)", summary)
+    # the CUDA-graph step's code path (Dynamo's eager backend on the CPU), timed at smoke size
+    assert re.search(r"small: CUDA-graph step [0-9.]+x the eager fused step", summary)
 
 
 def test_without_a_gpu_one_line_and_exit_2(tmp_path):

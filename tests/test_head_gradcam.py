@@ -9,7 +9,9 @@ from torch import nn
 from conftest import TRITON_DEVICE
 from sort_fast.heads import BranchSum, mlp_head, pythia_classifier
 from sort_fast.ops import head_gradcam as hg
+from sort_fast.ops.gather_mm import kernel_supported, masked_gather_mm
 from sort_fast.ops.head_gradcam import head_gradcam
+from sort_fast.ops.head_structure import closed_form_terms
 
 SHAPES = [(1, 3, 4, 2), (7, 5, 6, 9), (23, 8, 16, 11)]  # (T, D, H, A)
 
@@ -61,13 +63,15 @@ def _groups(t):
         sizes.append(min(k, left))
         left -= sizes[-1]
         k = k % 4 + 1
-    return torch.repeat_interleave(torch.tensor([sum(sizes[:i]) for i in range(len(sizes))]), torch.tensor(sizes))
+    starts = torch.tensor([sum(sizes[:i]) for i in range(len(sizes))])
+    return torch.repeat_interleave(starts, torch.tensor(sizes))
 
 
 def _loss(G, weights):
     """Cosine of every row with its group's reference row plus a weighted sum (second order)."""
     ref = _groups(G.shape[0])
-    return (F.cosine_similarity(G, G[ref], dim=1) * weights[:, 0]).sum() + (G * weights[:, 1:]).sum()
+    cos = F.cosine_similarity(G, G[ref], dim=1)
+    return (cos * weights[:, 0]).sum() + (G * weights[:, 1:]).sum()
 
 
 def _reference(head, h, classes, seed, times_input):
@@ -82,7 +86,8 @@ def _grads(loss, tensors):
     return [torch.zeros_like(t) if g is None else g for g, t in zip(out, tensors)]
 
 
-def _compare(head, shape, times_input, backend="torch", dtype=torch.float64, atol=1e-12, rtol=1e-10):
+def _compare(head, shape, times_input, backend="torch", dtype=torch.float64, atol=1e-12,
+             rtol=1e-10):
     t, d, _, a = shape
     device = TRITON_DEVICE if backend == "triton" else torch.device("cpu")
     head = head.to(device, dtype)
@@ -133,7 +138,7 @@ def test_gradcheck_function():
     classes = torch.tensor([0, 2, 2, 1, 0])
     w2 = torch.randn(a, hidden, dtype=torch.float64, requires_grad=True)
     w1 = torch.randn(hidden, d, dtype=torch.float64, requires_grad=True)
-    fn = hg.masked_gather_mm
+    fn = masked_gather_mm
     assert torch.autograd.gradcheck(lambda w2, w1: fn(mask, classes, w2, w1, "torch"), (w2, w1))
 
 
@@ -176,7 +181,8 @@ def test_hooked_module_falls_back(monkeypatch):
         _compare(head, (6, 4, 5, 3), times_input=False)
 
 
-@pytest.mark.parametrize("head", [mlp_head(4, 6, 3), nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))])
+@pytest.mark.parametrize("head", [mlp_head(4, 6, 3),
+                                  nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))])
 def test_no_grad_and_input_without_grad(head, monkeypatch):
     monkeypatch.setattr(hg, "_warned", set())
     warnings.simplefilter("ignore")
@@ -194,7 +200,8 @@ def test_auto_backend_on_cpu_is_torch():
     head = mlp_head(4, 6, 3).double()
     h = torch.randn(5, 4, dtype=torch.float64)
     classes = torch.randint(0, 3, (5,))
-    assert torch.equal(head_gradcam(head, h, classes)[1], head_gradcam(head, h, classes, backend="torch")[1])
+    assert torch.equal(head_gradcam(head, h, classes)[1],
+                       head_gradcam(head, h, classes, backend="torch")[1])
 
 
 def test_empty_batch():
@@ -211,11 +218,13 @@ def test_empty_batch():
         (torch.randn(5, 4), torch.tensor([0, 1, 3, 0, 0]), {}, ValueError, r"classes\[2\]=3"),
         (torch.randn(5, 4), torch.tensor([0, -1, 0, 0, 0]), {}, ValueError, r"classes\[1\]=-1"),
         (torch.randn(5), torch.zeros(5, dtype=torch.int64), {}, ValueError, "2-D"),
-        (torch.ones(5, 4, dtype=torch.int64), torch.zeros(5, dtype=torch.int64), {}, TypeError, "floating"),
+        (torch.ones(5, 4, dtype=torch.int64), torch.zeros(5, dtype=torch.int64), {}, TypeError,
+         "floating"),
         (torch.randn(5, 6), torch.zeros(5, dtype=torch.int64), {}, ValueError, "features"),
         (torch.randn(5, 4).double(), torch.zeros(5, dtype=torch.int64), {}, TypeError, "float64"),
         (torch.randn(5, 4), [0, 1], {}, TypeError, "classes"),
-        (torch.randn(5, 4), torch.zeros(5, dtype=torch.int64), {"backend": "cuda"}, ValueError, "backend"),
+        (torch.randn(5, 4), torch.zeros(5, dtype=torch.int64), {"backend": "cuda"}, ValueError,
+         "backend"),
     ],
 )
 def test_validation(h, classes, kwargs, error, match):
@@ -273,14 +282,14 @@ def test_triton_half(dtype, tol):
 ])
 def test_kernel_serves_tensor_core_gpus_only(dtype, capability, kernel):
     """sm_75 and float32 products run torch.matmul (the static GPU check shows why)."""
-    assert hg.kernel_supported(dtype, capability) is kernel
+    assert kernel_supported(dtype, capability) is kernel
 
 
 @pytest.mark.parametrize("name", [n for n in HEADS if n.startswith(("ln_", "gelu"))])
 def test_layernorm_gelu_heads_take_the_closed_form(name):
     """No autograd fallback (which would warn) for the ViLT-style heads."""
     head = HEADS[name](5, 6, 4)
-    assert not isinstance(hg._terms(head), str)
+    assert not isinstance(closed_form_terms(head), str)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         head_gradcam(head.double(), torch.randn(3, 5, dtype=torch.float64), torch.zeros(3).long())
@@ -289,4 +298,4 @@ def test_layernorm_gelu_heads_take_the_closed_form(name):
 def test_gelu_before_dropout_only():
     """Dropout does not commute with GELU: dropout before a GELU is not a closed form."""
     head = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.2), nn.GELU(), nn.Linear(6, 3))
-    assert "not Linear[-LayerNorm]" in hg._terms(head)
+    assert "not Linear[-LayerNorm]" in closed_form_terms(head)

@@ -3,7 +3,6 @@ that must read a value fails there) counted at the dispatcher: no operator moves
 host and device or reads a device value (docs/ops.md, "What is proven without a GPU")."""
 import pytest
 import torch
-import torch._dynamo  # noqa: F401  (imported before the autocast shim below, see its fixture)
 
 from sort_fast.data import SyntheticIntrospect, collate_groups
 from sort_fast.models import PythiaConfig, PythiaVQA
@@ -11,20 +10,6 @@ from sort_fast.train import _warmup
 from sort_fast.training import Objective
 from sort_fast.training.op_census import OpCensus
 from sort_fast.training.static_step import make_optimizer, train_step
-
-
-@pytest.fixture(autouse=True)
-def autocast_query_on_meta(monkeypatch):
-    """``torch.is_autocast_enabled("meta")`` raises (meta has no autocast); autocast is off
-    there, which is what the shim answers (head_gradcam asks it for the joint's device)."""
-    query = torch.is_autocast_enabled
-
-    def is_autocast_enabled(*device):
-        if device and not torch.amp.is_autocast_available(device[0]):
-            return False
-        return query(*device)
-
-    monkeypatch.setattr(torch, "is_autocast_enabled", is_autocast_enabled)
 
 
 def _setup(loss: str, device: str):

@@ -230,14 +230,9 @@ def test_backward_reaches_every_parameter(data):
     assert missing == []
 
 
-def test_word_embeddings_and_errors(data):
+def test_bad_batches_are_refused(data):
     ds, batch = data
     model = _model(ds)
-    w = torch.randn(len(ds.vocab), 16)
-    model.init_word_embeddings(w)
-    torch.testing.assert_close(model.question_encoder.embedding.weight.detach(), w)
-    with pytest.raises(ValueError, match="word vectors"):
-        model.init_word_embeddings(torch.randn(3, 16))
     with pytest.raises(TypeError, match="PackedBatch"):
         model(batch.image_features)
     wrong = PythiaVQA(PythiaConfig(len(ds.vocab), ds.num_answers, feature_dim=8))
@@ -293,3 +288,56 @@ def test_packed_lstm_is_pack_padded_sequence_bit_for_bit(seed):
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     with pytest.raises(ValueError, match="lengths must be in 1..9"):
         lstm_packing([3, 0], width)
+
+
+class _BagOfWords(nn.Module):
+    """A VQA model of another kind behind the interface: mean word embedding times mean
+    region feature, a linear head, no region attention."""
+
+    def __init__(self, vocab: int, answers: int, features: int, dim: int = 16) -> None:
+        super().__init__()
+        self.config = dataclasses.make_dataclass("BagConfig", [("dim", int)])(dim)
+        self.embedding = nn.EmbeddingBag(vocab, dim)
+        self.image = nn.Linear(features, dim)
+        self.classifier = nn.Linear(dim, answers)
+
+    def forward(self, batch, *, scores: bool = True):
+        from sort_fast.models.pythia import PythiaOutput
+
+        words = self.embedding(batch.question_tokens)
+        mask = batch.image_mask[..., None].to(batch.image_features.dtype)
+        regions = (batch.image_features * mask).sum(1) / mask.sum(1)
+        joint = words * self.image(regions)[batch.image_index]
+        return PythiaOutput(self.classifier(joint) if scores else None, joint, None)
+
+
+def test_the_trainers_objectives_take_any_model_of_the_interface(data):
+    """PythiaVQA is a VQAModel (and PythiaConfig builds it); a model of another kind behind
+    the interface trains with SOrT's closed-form Grad-CAM (equal to the autograd reference in
+    float64), and SQuINT refuses it in one line, for it has no region attention."""
+    from sort_fast.models import VQAModel, VQAOutput
+    from sort_fast.training import Objective
+
+    ds, batch = data
+    pythia = _model(ds)
+    assert isinstance(pythia, VQAModel) and isinstance(pythia(batch), VQAOutput)
+    assert type(pythia.config.build()) is PythiaVQA
+    torch.manual_seed(0)
+    other = _BagOfWords(len(ds.vocab), ds.num_answers, ds.feature_dim).double()
+    assert isinstance(other, VQAModel)
+    batch64 = batch.replace(image_features=batch.image_features.double(),
+                            targets=batch.targets.double())
+    kw = dict(lambda_reasoning=1.0, lambda_sub=1.0, lambda_irrelevant=0.5, margin=0.0,
+              lambda_attention=1.0)
+    results = []
+    for naive in (False, True):
+        loss, parts = Objective("sort", naive=naive, **kw)(other, batch64)
+        grads = torch.autograd.grad(loss, list(other.parameters()))
+        results.append((loss.detach(), grads))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for fast, ref in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(fast, ref)
+    assert float(results[0][0]) > 0 and any(float(g.abs().sum()) > 0 for g in results[0][1])
+    with pytest.raises(ValueError, match="--loss squint aligns region attention, which "
+                                         "_BagOfWords does not give"):
+        Objective("squint", naive=False, **kw)(other, batch64)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_evaluation_breakdown import _plan_answers
 
 from sort_fast.data import SyntheticIntrospect
 from sort_fast.models import PythiaConfig, PythiaVQA
@@ -17,6 +16,7 @@ from sort_fast.training.prior_metrics import (
     prior_agreement,
     prior_breakdown,
 )
+from test_evaluation_breakdown import _plan_answers
 
 SUBSET_KEYS = {"groups", "reasoning_accuracy", "pairs", "consistency", "r_right_s_wrong"}
 

@@ -20,13 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from sort_fast.errors import CLIError
 from sort_fast.evaluate import main as evaluate_main
 from sort_fast.train import main
 from sort_fast.training import checkpoint as ckpt
 from sort_fast.training import data as training_data
 from sort_fast.training import plots
-from sort_fast.errors import CLIError
-
 from test_train import TINY, assert_same_params, metrics, params, run, steps_logged
 
 STEPS = 12
@@ -204,7 +203,10 @@ def test_overwrite_removes_the_old_report(tmp_path, capsys):
     # a fresh start that fails after taking the folder: the old run is gone all the same
     assert run(out, "--max-steps", "1", "--overwrite", "--hat-dir", str(empty)) == 2
     assert "no VQA-HAT map" in error_line(capsys)
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "train.log"]
+    # what is left is the new run's: its log and its resolved configuration
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "config.yaml", "train.log"]
+    assert "hat-dir" not in (out / "config.yaml").read_text()
+    assert f"hat_dir: {empty}" in (out / "config.yaml").read_text()
     assert "trained 1 steps" not in (out / "train.log").read_text()  # the new run's log only
 
 
@@ -226,7 +228,8 @@ def test_overwrite_killed_before_its_first_checkpoint_leaves_no_old_run(tmp_path
     monkeypatch.setattr(obj.Objective, "__call__", killed)
     assert run(out, "--max-steps", "2", "--overwrite", "--seed", "1") == 130
     monkeypatch.undo()
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "train.log"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "config.yaml", "train.log"]
+    assert "seed: 1\n" in (out / "config.yaml").read_text()  # the new run's
     capsys.readouterr()
     assert run(out, "--max-steps", "2", "--resume") == 2
     assert "checkpoint.pt does not exist" in error_line(capsys)

@@ -141,3 +141,50 @@ def test_compiled_static_step_compiles_once_per_shape():
     with torch.no_grad():
         torch.testing.assert_close(step(eager_model, padded[0])[0],
                                    objective(eager_model, padded[0])[0], rtol=1e-5, atol=1e-6)
+
+
+TRAIN_FLAGS = ["--synthetic-train-groups", "40", "--synthetic-val-groups", "20",
+               "--hidden-dim", "16", "--joint-dim", "32", "--batch-groups", "8",
+               "--warmup-steps", "2", "--device", "cpu", "--max-steps", "4",
+               "--eval-every", "0", "--no-plots", "--dropout", "0"]
+
+
+def _train_losses(out, *flags: str):
+    import json
+
+    from sort_fast.train import main
+
+    assert main(["--out", str(out), *TRAIN_FLAGS, *flags]) == 0
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [(r["loss"], r["grad_norm"], r["lr"]) for r in records if r["event"] == "train"]
+
+
+@pytest.mark.parametrize("loss", ["sort", "squint"])
+def test_cuda_graph_trainer_pads_to_the_unpadded_losses(loss, tmp_path, monkeypatch):
+    """``--cuda-graphs`` minus the capture (on the CPU): every batch padded to a bucket of a
+    ShapeBuckets ladder gives the unpadded trainer's losses, gradient norms and learning
+    rates over 4 steps within float32 rounding."""
+    import sort_fast.train as trainer
+
+    plain = _train_losses(tmp_path / "plain", "--loss", loss)
+    monkeypatch.setattr(trainer, "CAPTURE_GRAPHS", False)
+    padded_batches = []
+    monkeypatch.setattr(trainer, "pad_to_bucket", lambda batch, buckets: padded_batches.append(
+        batch.num_groups) or pad_to_bucket(batch, buckets))
+    padded = _train_losses(tmp_path / "padded", "--loss", loss, "--cuda-graphs")
+    assert padded_batches == [8] * 4  # every step's batch went through the padding
+    torch.testing.assert_close(torch.tensor(padded), torch.tensor(plain), rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("flags, message", [
+    ([], "--cuda-graphs needs a CUDA device (this run's is cpu)"),
+    (["--compile"], "--cuda-graphs cannot run with --compile"),
+    (["--amp", "fp16"], "--cuda-graphs cannot run with --amp fp16"),
+])
+def test_cuda_graphs_refuses_what_it_cannot_do_in_one_line(flags, message, tmp_path, capsys):
+    from sort_fast.train import main
+
+    assert main(["--out", str(tmp_path), *TRAIN_FLAGS, "--cuda-graphs", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err == f"python -m sort_fast.train: error: {message}\n"
+    assert not (tmp_path / "checkpoint.pt").exists()

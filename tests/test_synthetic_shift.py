@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_data import synthetic_digest
 
 from sort_fast.data import SyntheticIntrospect
 from sort_fast.data.synthetic import DESIGNS, SHIFT_PRIORS, TEST_TEMPLATES
+from test_data import synthetic_digest
 
 # synthetic_digest of 300 groups of the balanced design, as generated before the shift design
 # was added; the shift design's test split is the balanced design's test split, bit for bit

@@ -14,9 +14,9 @@ from typing import Dict, List
 import pytest
 import torch
 
+from sort_fast.errors import CLIError
 from sort_fast.train import main
 from sort_fast.training import checkpoint as ckpt
-from sort_fast.errors import CLIError
 
 TINY = ["--synthetic-train-groups", "40", "--synthetic-val-groups", "20", "--hidden-dim", "16",
         "--joint-dim", "32", "--batch-groups", "8", "--warmup-steps", "2", "--device", "cpu"]
@@ -243,7 +243,7 @@ def test_sort_loss_separates_sub_from_irrelevant_similarities(tmp_path):
     """Only the contrastive term, on one repeated batch: sub-questions' Grad-CAM similarity
     rises above the irrelevant questions'."""
     from sort_fast.data import SyntheticIntrospect
-    from sort_fast.models import PythiaVQA, PythiaConfig
+    from sort_fast.models import PythiaConfig, PythiaVQA
     from sort_fast.training.evaluation import evaluate
 
     groups = SyntheticIntrospect(seed=0, split="train", num_groups=16)

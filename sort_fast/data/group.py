@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..layout import carry_facts, check_layout, class_range
+from ..layout import check_layout, class_range, copy_validation
 
 __all__ = ["Group", "PackedBatch", "collate_groups", "distinct_questions", "image_slots",
            "lstm_packing"]
@@ -170,8 +170,8 @@ class PackedBatch:
             check_layout(self.offsets, self.num_sub, self.num_questions)
             class_range(self.classes)
         out = self._map(fn)
-        carry_facts((self.offsets, self.num_sub, self.classes),
-                    (out.offsets, out.num_sub, out.classes))
+        copy_validation((self.offsets, self.num_sub, self.classes),
+                        (out.offsets, out.num_sub, out.classes))
         return out
 
     def to(self, device: Union[str, torch.device], non_blocking: bool = False) -> "PackedBatch":

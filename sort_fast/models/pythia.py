@@ -45,6 +45,10 @@ class PythiaConfig:
     # (every question replaced by one constant token)
     input_ablation: str = "none"
 
+    def build(self) -> "PythiaVQA":
+        """The model these sizes describe (:class:`~sort_fast.models.ModelSpec`)."""
+        return PythiaVQA(self)
+
 
 INPUT_ABLATIONS = ("none", "text-only", "image-only")
 
@@ -155,7 +159,8 @@ def _slots(image_index: torch.Tensor, num_images: int) -> Tuple[torch.Tensor, in
 
 
 class PythiaVQA(nn.Module):
-    """Pythia-style VQA over a :class:`~sort_fast.data.PackedBatch`.
+    """Pythia-style VQA over a :class:`~sort_fast.data.PackedBatch`, the first
+    :class:`~sort_fast.models.VQAModel`.
 
     The image side (``image_projection`` of the regions) runs once per image of the batch, not
     once per question; questions reach their image's regions through ``batch.image_index``
@@ -188,15 +193,6 @@ class PythiaVQA(nn.Module):
         self.classifier = pythia_classifier(cfg.joint_dim, cfg.classifier_text_hidden,
                                             cfg.classifier_image_hidden, cfg.num_answers,
                                             dropout=cfg.classifier_dropout)
-
-    def init_word_embeddings(self, weights: torch.Tensor) -> None:
-        """Copies ``[vocab_size, embed_dim]`` vectors (e.g. from
-        :func:`~sort_fast.data.load_word_vectors`) into the question embedding."""
-        emb = self.question_encoder.embedding.weight
-        if weights.shape != emb.shape:
-            raise ValueError(f"word vectors must be {tuple(emb.shape)}, got {tuple(weights.shape)}")
-        with torch.no_grad():
-            emb.copy_(weights)
 
     def forward(self, batch: PackedBatch, *, scores: bool = True,
                 share_questions: bool = True) -> PythiaOutput:

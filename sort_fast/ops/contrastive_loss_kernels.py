@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from ._launch import Launch, run_launches
-from .contrastive_loss import accumulation_dtype
+from .accumulation import accumulation_dtype
 
 # Rows of one tile; a group with more rows is processed in several tiles.
 BLOCK_Q = 16
@@ -349,13 +349,14 @@ def forward_launches(
     launches = [
         Launch(_gradcam_cosine_fwd_partial_kernel, (num_groups, cfg["N_CHUNKS"]),
                dict(grad_ptr=grad, act_ptr=act, offsets_ptr=offsets, dot_ptr=dot, sq_ptr=sq,
-                    exp_ptr=exps, num_rows=num_rows, D=dim, ACC=_TL_DTYPE[acc], BLOCK_Q=cfg["BLOCK_Q"],
-                    BLOCK_D=cfg["BLOCK_D"]), cfg["num_warps"]),
+                    exp_ptr=exps, num_rows=num_rows, D=dim, ACC=_TL_DTYPE[acc],
+                    BLOCK_Q=cfg["BLOCK_Q"], BLOCK_D=cfg["BLOCK_D"]), cfg["num_warps"]),
         Launch(_gradcam_cosine_fwd_finish_kernel, (num_groups,),
                dict(offsets_ptr=offsets, num_sub_ptr=num_sub, dot_ptr=dot, sq_ptr=sq,
                     exp_ptr=exps, cos_ptr=cos, norm_ptr=norm, weight_ptr=weight,
                     loss_ptr=loss, num_rows=num_rows, margin=margin, eps=eps,
-                    N_CHUNKS=cfg["N_CHUNKS"], ACC=_TL_DTYPE[acc], CONTRASTIVE=contrastive, BLOCK_Q=cfg["BLOCK_Q"]), cfg["num_warps"]),
+                    N_CHUNKS=cfg["N_CHUNKS"], ACC=_TL_DTYPE[acc], CONTRASTIVE=contrastive,
+                    BLOCK_Q=cfg["BLOCK_Q"]), cfg["num_warps"]),
     ]
     return launches, (cos, norm, weight, loss)
 

@@ -5,7 +5,7 @@ float32 products go to ``torch.matmul`` (cuBLAS, which honours the user's TF32 s
 custom kernel brings nothing there. On CUDA the tile shape comes from ``triton.autotune`` over
 :data:`TUNING_CONFIGS` (multi-stage software pipelining), keyed on the product's fixed sizes
 only, so a new batch size does not re-tune. Imported lazily by
-:mod:`sort_fast.ops.head_gradcam`: ``TRITON_INTERPRET=1`` must be set before this module is
+:mod:`sort_fast.ops.gather_mm`: ``TRITON_INTERPRET=1`` must be set before this module is
 imported to run the kernel on CPU tensors (with :data:`INTERPRETER_CONFIG`).
 """
 from __future__ import annotations
@@ -134,7 +134,8 @@ def gather_mm_launch(
     scale_strides = scale.stride() if scale is not None else (0, 0)
     args = dict(
         a_ptr=a, idx_ptr=idx, amask_ptr=amask, b_ptr=b, scale_ptr=scale, out_ptr=out,
-        M=m, N=n, K=k, A_CONTIG=m if trans_a else k, stride_a_row=a.stride(0), stride_a_col=a.stride(1),
+        M=m, N=n, K=k, A_CONTIG=m if trans_a else k,
+        stride_a_row=a.stride(0), stride_a_col=a.stride(1),
         stride_mask_row=mask_strides[0], stride_mask_col=mask_strides[1],
         stride_b_k=b.stride(0), stride_b_n=b.stride(1),
         stride_scale_m=scale_strides[0], stride_scale_n=scale_strides[1],

@@ -138,7 +138,6 @@ def _compile(kernel: Any, args: Dict[str, Any], arch: int, num_warps: int,
     import triton
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import BaseBackend, GPUTarget
-
     from triton.runtime.jit import JITFunction
 
     args = dict(args)
@@ -198,8 +197,8 @@ def _inspect(ptx: str, shared: int, arch: int) -> Dict[str, int]:
 
     def widest(op: str) -> int:
         bits = 0
-        for vec, width in re.findall(rf"\b{op}\.global(?:\.[a-z0-9_:]+)*?(?:\.v(\d))?\.[bfsu](\d+)\b",
-                                     ptx):
+        access = rf"\b{op}\.global(?:\.[a-z0-9_:]+)*?(?:\.v(\d))?\.[bfsu](\d+)\b"
+        for vec, width in re.findall(access, ptx):
             bits = max(bits, int(vec or 1) * int(width))
         if op == "ld":  # asynchronous global -> shared copies of pipelined loads (sm_80+)
             for size in re.findall(r"cp\.async\.c[ag]\.shared\.global[^\[]*\[[^\]]*\],\s*"

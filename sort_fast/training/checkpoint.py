@@ -22,11 +22,12 @@ from typing import Any, Dict, Iterator, Sequence, Union
 import numpy as np
 import torch
 
-from ..models import PythiaConfig, PythiaVQA
 from ..errors import CLIError
+from ..models import PythiaConfig, PythiaVQA
 
-__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "atomic_write",
-           "content_digest", "lock_run_dir", "remove_stale_temp_files", "model_from_checkpoint",
+__all__ = ["save_checkpoint", "write_run_checkpoint", "load_checkpoint", "rng_state",
+           "set_rng_state", "atomic_write", "content_digest", "lock_run_dir",
+           "remove_stale_temp_files", "model_from_checkpoint",
            "MODEL_KEYS", "TRAINING_KEYS"]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -100,6 +101,17 @@ def save_checkpoint(state: Dict[str, Any], path: PathLike) -> None:
     state = {"format": FORMAT, **state}
     state["sha256"] = content_digest(state)
     atomic_write(path, lambda f: torch.save(state, f))
+
+
+def write_run_checkpoint(state: Dict[str, Any], path: PathLike) -> None:
+    """:func:`save_checkpoint` for the trainer: a failed write (a full disk, which
+    ``torch.save`` reports as ``RuntimeError``) is a one-line :class:`CLIError` saying that the
+    previous checkpoint is kept."""
+    try:
+        save_checkpoint(state, path)
+    except (OSError, RuntimeError) as e:
+        raise CLIError(f"cannot write {path} ({_first_line(e)}): the disk may be full; the "
+                       "previous checkpoint is kept") from None
 
 
 def load_checkpoint(path: PathLike, keys: Sequence[str] = ()) -> Dict[str, Any]:

@@ -1,23 +1,42 @@
-"""Command-line flags of ``python -m sort_fast.train`` and ``python -m sort_fast.evaluate``.
+"""The trainer's typed configuration (:class:`TrainConfig`) and the command lines of
+``python -m sort_fast.train`` and ``python -m sort_fast.evaluate`` generated from it
+(docs/training.md, "Configuration").
 
 Flag values are checked while parsing: an impossible value (``--batch-groups 0``, ``--lr -1``,
-a missing file) ends the program with one line naming the flag and exit code 2, no traceback.
+a missing file) ends the program with one line naming the flag and exit code 2, no traceback;
+a ``--config`` file's values get the same checks.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
-from typing import Any, Callable, List, NoReturn, Optional, Sequence
+from pathlib import Path
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    FrozenSet,
+    Iterator,
+    List,
+    Mapping,
+    NoReturn,
+    Optional,
+    Sequence,
+    Tuple,
+)
 
 from ..data.synthetic import DESIGNS
 from ..errors import CLIError, Interrupted
 from ..models.pythia import INPUT_ABLATIONS
+from .flags import add_flags, checked_value, flag_fields, flag_name, mark, option
 
-__all__ = ["OneLineParser", "build_train_parser",
-           "build_evaluate_parser", "command_line", "require_all", "LOSSES", "METHOD_NAMES",
-           "EVAL_DIR"]
+__all__ = ["TrainConfig", "DataConfig", "ModelConfig", "ObjectiveConfig", "OptimConfig",
+           "RunConfig", "OneLineParser", "build_train_parser", "build_evaluate_parser",
+           "parse_train_args", "read_config_file", "resumed_config", "trajectory_changes",
+           "marked", "command_line", "require_all", "LOSSES", "METHOD_NAMES", "EVAL_DIR"]
 
 LOSSES = ("bce", "squint", "sort-sq", "sort", "role-bce")
 METHOD_NAMES = {"bce": "Pythia", "squint": "Pythia + SQuINT", "sort-sq": "Pythia + SOrT (only SQ)",
@@ -52,15 +71,17 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def command_line(prog: str, parser: argparse.ArgumentParser, args: argparse.Namespace,
+def command_line(prog: str, parser: argparse.ArgumentParser, values: Mapping[str, Any],
                  **changes: Any) -> str:
-    """The shell command running ``prog`` with ``args`` (flags left at their default omitted),
-    ``changes`` applied (``True``/``False`` for on/off flags)."""
-    values = {**vars(args), **changes}
+    """The shell command running ``prog`` with the flag ``values`` (by flag name; flags left
+    at their default omitted), ``changes`` applied (``True``/``False`` for on/off flags)."""
+    values = {**values, **changes}
     words = [prog]
+    written = set()
     for action in parser._actions:
-        if not action.option_strings or action.dest not in values:
-            continue  # --help
+        if not action.option_strings or action.dest not in values or action.dest in written:
+            continue  # --help, a flag's deprecated spelling
+        written.add(action.dest)
         value = values[action.dest]
         if value == action.default:
             continue
@@ -91,7 +112,8 @@ positive_float = _number(float, 0.0, False, "a number > 0")
 non_negative_float = _number(float, 0.0, True, "a number >= 0")
 
 
-def _probability(text: str) -> float:
+def probability(text: str) -> float:
+    """A number in [0, 1)."""
     value = non_negative_float(text)
     if value >= 1.0:
         raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {text!r}")
@@ -119,54 +141,391 @@ def existing_dir(text: str) -> str:
     return text
 
 
-def _add_eval_data_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
-    """Validation data flags, shared by both commands. Without ``defaults`` (the evaluator) a
-    flag left out takes the value stored in the checkpoint."""
-    group = parser.add_argument_group("validation data")
-    group.add_argument("--synthetic-val-groups", type=positive_int,
-                       default=1000 if defaults else None,
-                       help="validation groups of the embedded synthetic benchmark"
-                            + (" (default: %(default)s)" if defaults else
-                               " (default: as in training)"))
-    group.add_argument("--val-introspect", type=existing_file, default=None,
-                       help="VQA-Introspect validation JSON (real data; needs the other --val-* "
-                            "files)")
-    group.add_argument("--val-vqa-questions", type=existing_file, default=None,
-                       help="VQAv2 validation questions JSON")
-    group.add_argument("--val-vqa-annotations", type=existing_file, default=None,
-                       help="VQAv2 validation annotations JSON")
-    group.add_argument("--val-features", type=existing_path, default=None,
-                       help="region features of the validation images (directory of .npy "
-                            "files or a bottom-up TSV)")
-    group.add_argument("--hat-dir", type=existing_dir, default=None,
-                       help="directory of VQA-HAT attention PNGs; grounding is then measured "
-                            "against them instead of the groups' region grounding")
+@dataclasses.dataclass
+class DataConfig:
+    """Training and validation data: the embedded synthetic benchmark, or real data files."""
+
+    synthetic_seed: int = option(0, "seed of the embedded synthetic benchmark (default: "
+                                 "%(default)s)", parse=int, trajectory=True, evaluate=True,
+                                 from_checkpoint=True,
+                                 evaluate_help="seed of the synthetic benchmark (default: as "
+                                               "in training)")
+    synthetic_train_groups: int = option(
+        3000, "training groups of the synthetic benchmark (default: %(default)s)",
+        parse=positive_int, trajectory=True)
+    synthetic_design: str = option(
+        "v1", "reasoning templates of the synthetic benchmark: v1 (the original, with answer "
+        "priors), balanced (even priors, templates two glimpses can perceive) or shift "
+        "(balanced's templates with strong answer priors in train and val and balanced's test "
+        "split; docs/synthetic_benchmark.md; default: %(default)s)",
+        choices=sorted(DESIGNS), trajectory=True)
+    introspect: Optional[str] = option(
+        None, "VQA-Introspect training JSON (real data; needs --vqa-questions, "
+        "--vqa-annotations, --features and the --val-* files)", parse=existing_file,
+        trajectory=True)
+    vqa_questions: Optional[str] = option(None, "VQAv2 training questions JSON",
+                                          parse=existing_file, trajectory=True)
+    vqa_annotations: Optional[str] = option(None, "VQAv2 training annotations JSON",
+                                            parse=existing_file, trajectory=True)
+    features: Optional[str] = option(None, "region features of the training images (directory "
+                                     "of .npy files or a bottom-up TSV)", parse=existing_path,
+                                     trajectory=True)
+    synthetic_val_groups: int = option(
+        1000, "validation groups of the embedded synthetic benchmark (default: %(default)s)",
+        parse=positive_int, evaluate=True, from_checkpoint=True,
+        evaluate_help="validation groups of the embedded synthetic benchmark (default: as in "
+                      "training)")
+    val_introspect: Optional[str] = option(
+        None, "VQA-Introspect validation JSON (real data; needs the other --val-* files)",
+        parse=existing_file, evaluate=True)
+    val_vqa_questions: Optional[str] = option(None, "VQAv2 validation questions JSON",
+                                              parse=existing_file, evaluate=True)
+    val_vqa_annotations: Optional[str] = option(None, "VQAv2 validation annotations JSON",
+                                                parse=existing_file, evaluate=True)
+    val_features: Optional[str] = option(
+        None, "region features of the validation images (directory of .npy files or a "
+        "bottom-up TSV)", parse=existing_path, evaluate=True)
+    hat_dir: Optional[str] = option(
+        None, "directory of VQA-HAT attention PNGs; grounding is then measured against them "
+        "instead of the groups' region grounding", parse=existing_dir, evaluate=True)
 
 
-def _add_run_flags(parser: argparse.ArgumentParser, training: bool) -> None:
-    """Device, batch size and Grad-CAM path, shared by both commands (``training``: the
-    trainer's wording)."""
-    parser.add_argument("--batch-groups", type=positive_int, default=64,
-                        help=("groups (reasoning question + its sub/irrelevant questions) per "
-                              "step, split between the processes of a torchrun launch"
-                              if training else "groups per evaluation batch")
-                        + " (default: %(default)s)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="where to run; auto picks CUDA when available (default: "
-                             "%(default)s)")
-    parser.add_argument("--threads", type=non_negative_int, default=1,
-                        help="CPU threads of each process's torch operations; 0 keeps torch's "
-                             "default. The model is small, so extra threads mostly add "
-                             "synchronisation, and suffer most on a shared machine "
-                             "(default: %(default)s)")
-    parser.add_argument("--no-plots", dest="plots", action="store_false",
-                        help="write metrics.json and table1.md without the plots (saves a few "
-                             "seconds per report, e.g. in a protocol of many runs)")
-    parser.add_argument("--naive", action="store_true",
-                        help="compute Grad-CAM gradients with plain autograd "
-                             "(autograd.grad(create_graph=True)) instead of the closed-form "
-                             "head_gradcam" + (", and the loss with its PyTorch backend"
-                                               if training else ""))
+@dataclasses.dataclass
+class ModelConfig:
+    """The Pythia-style model's sizes, and the checkpoint it starts from."""
+
+    hidden_dim: int = option(64, "LSTM, attention and text-classifier width (default: "
+                             "%(default)s)", parse=positive_int, trajectory=True)
+    joint_dim: int = option(128, "joint embedding width (where Grad-CAM vectors live) and "
+                            "image-classifier width (default: %(default)s)", parse=positive_int,
+                            trajectory=True)
+    dropout: float = option(0.1, "dropout on the joint embedding and in the classifier "
+                            "(default: %(default)s)", parse=probability, trajectory=True)
+    image_glimpses: int = option(1, "attention heads over the image regions, concatenated "
+                                 "(Pythia: 2; default: %(default)s)", parse=positive_int,
+                                 trajectory=True)
+    input_ablation: str = option("none", "shortcut probes: text-only zeroes every region "
+                                 "feature, image-only replaces every question by one token "
+                                 "(default: %(default)s)", choices=INPUT_ABLATIONS,
+                                 trajectory=True)
+    init: Optional[str] = option(None, "start from the model weights of this checkpoint "
+                                 "(fine-tuning, as SOrT fine-tunes a trained Pythia); optimizer "
+                                 "and step start fresh", parse=existing_file, metavar="CKPT",
+                                 trajectory=True)
+
+
+@dataclasses.dataclass
+class ObjectiveConfig:
+    """The training loss (``--loss``) and its weights."""
+
+    loss: str = option("sort", "bce: plain model, BCE on all questions; squint: BCE plus "
+                       "attention alignment of reasoning and sub-questions (Selvaraju et al. "
+                       "2020); sort-sq: SOrT with sub-questions only; sort: full SOrT; "
+                       "role-bce: SOrT's per-role BCE weights (--lambda-reasoning/-sub/"
+                       "-irrelevant) without its Grad-CAM term, a control (default: "
+                       "%(default)s)", choices=LOSSES, trajectory=True)
+    lambda_reasoning: float = option(2.27, "SOrT weight of the reasoning questions' BCE "
+                                     "(default: %(default)s)", parse=non_negative_float,
+                                     trajectory=True)
+    lambda_sub: float = option(2.27, "SOrT weight of the sub-questions' BCE (default: "
+                               "%(default)s)", parse=non_negative_float, trajectory=True)
+    lambda_irrelevant: float = option(3e-4, "SOrT weight of the irrelevant questions' BCE "
+                                      "(default: %(default)s)", parse=non_negative_float,
+                                      trajectory=True)
+    margin: float = option(0.0, "hinge margin of the contrastive gradient loss (default: "
+                           "%(default)s)", parse=non_negative_float, trajectory=True)
+    lambda_attention: float = option(1.0, "SQuINT weight of the attention alignment loss "
+                                     "(default: %(default)s)", parse=non_negative_float,
+                                     trajectory=True)
+    autograd_reference: bool = option(
+        False, "compute Grad-CAM gradients with plain autograd (autograd.grad("
+        "create_graph=True)) instead of the closed-form head_gradcam, and the loss with its "
+        "PyTorch backend (the reference the fast paths are tested against)", trajectory=True,
+        evaluate=True, deprecated=("--naive",),
+        evaluate_help="compute Grad-CAM gradients with plain autograd (autograd.grad("
+                      "create_graph=True)) instead of the closed-form head_gradcam")
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """Adamax (as Pythia), its schedule, and the batches it steps on."""
+
+    batch_groups: int = option(
+        64, "groups (reasoning question + its sub/irrelevant questions) per step, split "
+        "between the processes of a torchrun launch (default: %(default)s)",
+        parse=positive_int, trajectory=True, evaluate=True,
+        evaluate_help="groups per evaluation batch (default: %(default)s)")
+    lr: float = option(3e-3, "learning rate after warm-up (default: %(default)s)",
+                       parse=positive_float, trajectory=True)
+    warmup_steps: int = option(50, "linear learning-rate warm-up from 0, then constant "
+                               "(default: %(default)s)", parse=non_negative_int,
+                               trajectory=True)
+    grad_clip: float = option(0.25, "clip the gradient norm to this value; 0 disables "
+                              "(default: %(default)s)", parse=non_negative_float,
+                              trajectory=True)
+    max_steps: int = option(0, "optimizer steps to train; 0 means --epochs full passes "
+                            "(default: %(default)s)", parse=non_negative_int)
+    epochs: int = option(15, "passes over the training groups when --max-steps is 0 "
+                         "(default: %(default)s)", parse=positive_int)
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Where and how this run executes: output folder, device, seed, schedule of evaluations,
+    checkpoints and logs, and the speed options."""
+
+    out: str = option("runs/sort", "output directory: train.log, log.jsonl, checkpoint.pt, "
+                      "config.yaml, metrics.json, table1.md, plots (default: %(default)s)",
+                      control=True, evaluate=True, from_checkpoint=True,
+                      evaluate_help=f"output directory (default: an '{EVAL_DIR}' directory "
+                                    "beside the checkpoint)")
+    resume: bool = option(False, "continue the run in OUT from its checkpoint, with the flags "
+                          "stored there (no need to repeat them; a flag given again that "
+                          "would change the training trajectory must match); bit-identical "
+                          "to an uninterrupted run on CPU", control=True, group="start")
+    overwrite: bool = option(False, "start afresh even though OUT holds a checkpoint, "
+                             "replacing that run's outputs (without it, such an OUT is "
+                             "refused)", control=True, group="start")
+    seed: int = option(0, "seed of initialisation, dropout and data order (default: "
+                       "%(default)s)", parse=int, trajectory=True)
+    device: str = option("auto", "where to run; auto picks CUDA when available (default: "
+                         "%(default)s)", choices=("auto", "cpu", "cuda"), evaluate=True)
+    threads: int = option(1, "CPU threads of each process's torch operations; 0 keeps torch's "
+                          "default. The model is small, so extra threads mostly add "
+                          "synchronisation, and suffer most on a shared machine (default: "
+                          "%(default)s)", parse=non_negative_int, evaluate=True)
+    plots: bool = option(True, "write metrics.json and table1.md without the plots (saves a "
+                         "few seconds per report, e.g. in a protocol of many runs)",
+                         flag="--no-plots", control=True, evaluate=True)
+    eval_every: int = option(230, "evaluate every N steps (0: only at the end; default: "
+                             "%(default)s)", parse=non_negative_int)
+    save_every: int = option(230, "write the checkpoint every N steps (0: only at the end; "
+                             "default: %(default)s)", parse=non_negative_int)
+    log_every: int = option(10, "read the loss parts from the device every N steps (one host "
+                            "sync per N steps; every step is still logged, and a non-finite "
+                            "loss stops the run at the next read; default: %(default)s)",
+                            parse=positive_int)
+    compile: bool = option(False, "run the model and the objective of each step under "
+                           "torch.compile (the first steps compile; results equal eager's "
+                           "within float rounding)")
+    cuda_graphs: bool = option(False, "CUDA only, one process: pad every batch to one of a "
+                               "few static shapes and run the step compiled with CUDA graphs "
+                               "(torch.compile mode reduce-overhead, a capturable optimizer); "
+                               "losses equal the unpadded step's within float rounding",
+                               trajectory=True)
+    workers: int = option(0, "DataLoader processes that read and pack the next batches while "
+                          "the step runs (0: the training process does it; real data reads "
+                          "its region features there; default: %(default)s)",
+                          parse=non_negative_int)
+    amp: str = option("none", "mixed precision: the step under torch.autocast in bfloat16 or "
+                      "float16 (fp16 with gradient scaling); default: %(default)s",
+                      choices=("none", "bf16", "fp16"), trajectory=True)
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "objective": ObjectiveConfig,
+            "optim": OptimConfig, "run": RunConfig}
+SECTION_TITLES = {"data": "data", "model": "model", "objective": "loss",
+                  "optim": "optimizer (Adamax, as Pythia)", "run": "run"}
+# flag names of older versions, as checkpoints written by them store them
+RENAMED = {"naive": "autograd_reference"}
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything ``python -m sort_fast.train`` is told, in five sections (docs/training.md).
+    Field names are unique over the sections and are the flags' names (``lr`` is ``--lr``);
+    ``given`` holds the names set explicitly (on the command line or in a ``--config`` file),
+    which ``--resume`` must not replace with the checkpoint's values."""
+
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    given: FrozenSet[str] = frozenset()
+
+    def sections(self) -> Dict[str, Any]:
+        return {name: getattr(self, name) for name in SECTIONS}
+
+    def fields(self) -> Iterator[Tuple[Any, dataclasses.Field]]:
+        """``(section, field)`` for every flag of the configuration."""
+        for section in self.sections().values():
+            for field in flag_fields(section):
+                yield section, field
+
+    def flags(self) -> Dict[str, Any]:
+        """Every value by flag name (``{"lr": 0.003, ...}``): what checkpoints store."""
+        return {field.name: getattr(section, field.name) for section, field in self.fields()}
+
+    def nested(self) -> Dict[str, Dict[str, Any]]:
+        """The values by section (the layout of ``config.yaml`` and ``--config`` files)."""
+        return {name: dataclasses.asdict(section) for name, section in self.sections().items()}
+
+    def replace(self, values: Mapping[str, Any]) -> "TrainConfig":
+        """A copy with the flags ``values`` (by flag name; old names of :data:`RENAMED` are
+        read as their new ones, other unknown names are ignored) set."""
+        values = {RENAMED.get(k, k): v for k, v in values.items()}
+        return dataclasses.replace(self, **{
+            name: dataclasses.replace(section, **{f.name: values[f.name]
+                                                  for f in flag_fields(section)
+                                                  if f.name in values})
+            for name, section in self.sections().items()})
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> "TrainConfig":
+        """The configuration of parsed flags (:func:`build_train_parser`); ``args.explicit``,
+        when set, becomes ``given``."""
+        config = cls().replace(vars(args))
+        return dataclasses.replace(config, given=frozenset(getattr(args, "explicit", ())))
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.nested(), sort_keys=False)
+
+
+def marked(cls: type = TrainConfig, **marks: bool) -> Tuple[str, ...]:
+    """The flag names of ``cls``'s fields (a section or :class:`TrainConfig`) whose marks
+    equal ``marks`` (``marked(trajectory=True)``)."""
+    sections = list(SECTIONS.values()) if cls is TrainConfig else [cls]
+    return tuple(f.name for section in sections for f in flag_fields(section)
+                 if all(getattr(mark(f), k) == v for k, v in marks.items()))
+
+
+def trajectory_changes(config: TrainConfig, stored: Mapping[str, Any]) -> List[str]:
+    """The flags of ``config.given`` marked ``trajectory`` whose value differs from the one a
+    checkpoint's ``stored`` flags record (a flag it does not record had its default), as
+    ``--flag STORED (this run: VALUE)``."""
+    stored = {RENAMED.get(k, k): v for k, v in stored.items()}
+    changed = []
+    for section, field in config.fields():
+        if not (mark(field).trajectory and field.name in config.given):
+            continue
+        before, now = stored.get(field.name, field.default), getattr(section, field.name)
+        if before != now:
+            changed.append(f"{flag_name(field)} {before!r} (this run: {now!r})")
+    return changed
+
+
+def resumed_config(config: TrainConfig, stored: Mapping[str, Any]) -> TrainConfig:
+    """``--resume``: every flag not in ``config.given`` and not marked ``control`` takes the
+    checkpoint's ``stored`` value; a given flag marked ``trajectory`` must keep it (all
+    mismatches in one :class:`CLIError`)."""
+    changed = trajectory_changes(config, stored)
+    if changed:
+        raise CLIError("cannot resume: the checkpoint was trained with " + ", ".join(changed)
+                       + "; leave these flags out to continue with the checkpoint's values")
+    control = set(marked(control=True))
+    stored = {RENAMED.get(k, k): v for k, v in stored.items()}
+    return config.replace({k: v for k, v in stored.items()
+                           if k not in config.given and k not in control})
+
+
+class _DeprecatedFlag(argparse.Action):
+    """An old spelling of an on/off flag: sets it, with one warning line on stderr."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, new: str = "",
+                 **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help=f"deprecated spelling of {new}")
+        self.new = new
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: Optional[str] = None) -> None:
+        if not getattr(parser, "quiet", False):
+            print(f"{parser.prog}: warning: {option_string} is deprecated, use {self.new}",
+                  file=sys.stderr)
+        setattr(namespace, self.dest, True)
+
+
+def _add_section_flags(parser: argparse.ArgumentParser, cls: type, title: str, *,
+                       evaluator: bool, exclusive: Dict[str, Any]) -> None:
+    group = parser.add_argument_group(title)
+    add_flags(group, cls, evaluator=evaluator, groups=exclusive)
+    for field in flag_fields(cls):
+        if evaluator and not mark(field).evaluate:
+            continue
+        for old in mark(field).deprecated:
+            group.add_argument(old, dest=field.name, action=_DeprecatedFlag,
+                               new=flag_name(field))
+
+
+def build_train_parser() -> OneLineParser:
+    """The parser of ``python -m sort_fast.train``, generated from :class:`TrainConfig`."""
+    p = OneLineParser(
+        prog="python -m sort_fast.train",
+        description="Train a Pythia-style VQA model with SOrT (or a baseline loss) and evaluate "
+                    "it. Without data flags it uses the embedded synthetic benchmark.")
+    p.add_argument("--config", type=existing_file, default=None, metavar="FILE",
+                   help="YAML or JSON file of settings by section (the layout of a run's "
+                        "config.yaml); flags on the command line override it")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved configuration as YAML and exit")
+    exclusive: Dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        _add_section_flags(p, cls, SECTION_TITLES[name], evaluator=False, exclusive=exclusive)
+    return p
+
+
+@dataclasses.dataclass
+class EvaluatorOnly:
+    """The evaluator's flags that training does not have."""
+
+    checkpoint: str = option(None, "a checkpoint.pt written by training, or the run folder "
+                             "holding it (the trainer's --out)", parse=existing_path,
+                             positional=True, evaluate=True)
+    synthetic_split: Optional[str] = option(
+        None, "split of the synthetic benchmark to evaluate on: val (the one training reports "
+        "and tuning may look at) or test (held out for final numbers; default: as in "
+        "training, i.e. val)", choices=("val", "test"), evaluate=True)
+
+
+def build_evaluate_parser() -> OneLineParser:
+    """The parser of ``python -m sort_fast.evaluate``: :class:`EvaluatorOnly`'s flags and the
+    fields of :class:`TrainConfig` marked ``evaluate``."""
+    p = OneLineParser(
+        prog="python -m sort_fast.evaluate",
+        description="Evaluate a checkpoint: consistency quadrants, accuracy, Grad-CAM ranking "
+                    "metrics and grounding; writes metrics.json, table1.md and plots.")
+    exclusive: Dict[str, Any] = {}
+    _add_section_flags(p, EvaluatorOnly, "evaluation", evaluator=True, exclusive=exclusive)
+    for name, cls in SECTIONS.items():
+        _add_section_flags(p, cls, SECTION_TITLES[name], evaluator=True, exclusive=exclusive)
+    return p
+
+
+def read_config_file(path: str) -> Dict[str, Any]:
+    """The flags a ``--config`` file sets, by flag name, checked as the command line checks
+    them; a file that cannot be read or parsed, an unknown section or key, or a bad value is
+    a :class:`CLIError` naming the file and the item."""
+    import yaml  # JSON is YAML too
+
+    try:
+        content = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        reason = next(iter(str(e).splitlines()), type(e).__name__)
+        raise CLIError(f"--config {path}: cannot read it ({reason})") from None
+    if content is None:
+        return {}
+    if not isinstance(content, dict):
+        raise CLIError(f"--config {path}: expected sections {', '.join(SECTIONS)}, got "
+                       f"{type(content).__name__}")
+    values: Dict[str, Any] = {}
+    for name, settings in content.items():
+        if name not in SECTIONS:
+            raise CLIError(f"--config {path}: unknown section {name!r} (sections: "
+                           f"{', '.join(SECTIONS)})")
+        if not isinstance(settings, dict):
+            raise CLIError(f"--config {path}: section {name!r} must map names to values")
+        fields = {f.name: f for f in flag_fields(SECTIONS[name])}
+        for key, value in settings.items():
+            if key not in fields:
+                raise CLIError(f"--config {path}: unknown key {name}.{key}")
+            try:
+                values[key] = checked_value(fields[key], value)
+            except ValueError as e:
+                raise CLIError(f"--config {path}: {name}.{key}: {e}") from None
+    return values
 
 
 def explicit_flags(build: Callable[[], argparse.ArgumentParser],
@@ -174,158 +533,32 @@ def explicit_flags(build: Callable[[], argparse.ArgumentParser],
     """The destinations of the flags given on the command line ``argv`` (not defaulted), from
     the parser ``build()`` makes."""
     parser = build()
+    parser.quiet = True  # a deprecated spelling warned in the first parse already
     for action in parser._actions:
         action.default = argparse.SUPPRESS
     return sorted(vars(parser.parse_args(sys.argv[1:] if argv is None else argv)))
 
 
-def build_train_parser() -> OneLineParser:
-    """The parser of ``python -m sort_fast.train``."""
-    p = OneLineParser(
-        prog="python -m sort_fast.train",
-        description="Train a Pythia-style VQA model with SOrT (or a baseline loss) and evaluate "
-                    "it. Without data flags it uses the embedded synthetic benchmark.")
-    p.add_argument("--out", default="runs/sort",
-                   help="output directory: train.log, log.jsonl, checkpoint.pt, metrics.json, "
-                        "table1.md, plots (default: %(default)s)")
-    sched = p.add_argument_group("schedule")
-    sched.add_argument("--max-steps", type=non_negative_int, default=0,
-                       help="optimizer steps to train; 0 means --epochs full passes "
-                            "(default: %(default)s)")
-    sched.add_argument("--epochs", type=positive_int, default=15,
-                       help="passes over the training groups when --max-steps is 0 "
-                            "(default: %(default)s)")
-    _add_run_flags(sched, training=True)
-    sched.add_argument("--seed", type=int, default=0,
-                       help="seed of initialisation, dropout and data order (default: "
-                            "%(default)s)")
-    sched.add_argument("--eval-every", type=non_negative_int, default=230,
-                       help="evaluate every N steps (0: only at the end; default: %(default)s)")
-    sched.add_argument("--save-every", type=non_negative_int, default=230,
-                       help="write the checkpoint every N steps (0: only at the end; default: "
-                            "%(default)s)")
-    sched.add_argument("--log-every", type=positive_int, default=10,
-                       help="read the loss parts from the device every N steps (one host sync "
-                            "per N steps; every step is still logged, and a non-finite loss "
-                            "stops the run at the next read; default: %(default)s)")
-    speed = p.add_argument_group("speed")
-    speed.add_argument("--compile", action="store_true",
-                       help="run the model and the objective of each step under torch.compile "
-                            "(the first steps compile; results equal eager's within float "
-                            "rounding)")
-    speed.add_argument("--workers", type=non_negative_int, default=0,
-                       help="DataLoader processes that read and pack the next batches while "
-                            "the step runs (0: the training process does it; real data reads "
-                            "its region features there; default: %(default)s)")
-    speed.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
-                       help="mixed precision: the step under torch.autocast in bfloat16 or "
-                            "float16 (fp16 with gradient scaling); default: %(default)s")
-    start = sched.add_mutually_exclusive_group()
-    start.add_argument("--resume", action="store_true",
-                       help="continue the run in OUT from its checkpoint, with the flags stored "
-                            "there (no need to repeat them; a flag given again that would "
-                            "change the training trajectory must match); bit-identical to an "
-                            "uninterrupted run on CPU")
-    start.add_argument("--overwrite", action="store_true",
-                       help="start afresh even though OUT holds a checkpoint, replacing that "
-                            "run's outputs (without it, such an OUT is refused)")
-    sched.add_argument("--init", type=existing_file, default=None, metavar="CKPT",
-                       help="start from the model weights of this checkpoint (fine-tuning, as "
-                            "SOrT fine-tunes a trained Pythia); optimizer and step start fresh")
-
-    loss = p.add_argument_group("loss")
-    loss.add_argument("--loss", choices=LOSSES, default="sort",
-                      help="bce: plain model, BCE on all questions; squint: BCE plus attention "
-                           "alignment of reasoning and sub-questions (Selvaraju et al. 2020); "
-                           "sort-sq: SOrT with sub-questions only; sort: full SOrT; role-bce: "
-                           "SOrT's per-role BCE weights (--lambda-reasoning/-sub/-irrelevant) "
-                           "without its Grad-CAM term, a control (default: %(default)s)")
-    loss.add_argument("--lambda-reasoning", type=non_negative_float, default=2.27,
-                      help="SOrT weight of the reasoning questions' BCE (default: %(default)s)")
-    loss.add_argument("--lambda-sub", type=non_negative_float, default=2.27,
-                      help="SOrT weight of the sub-questions' BCE (default: %(default)s)")
-    loss.add_argument("--lambda-irrelevant", type=non_negative_float, default=3e-4,
-                      help="SOrT weight of the irrelevant questions' BCE (default: %(default)s)")
-    loss.add_argument("--margin", type=non_negative_float, default=0.0,
-                      help="hinge margin of the contrastive gradient loss (default: "
-                           "%(default)s)")
-    loss.add_argument("--lambda-attention", type=non_negative_float, default=1.0,
-                      help="SQuINT weight of the attention alignment loss (default: "
-                           "%(default)s)")
-
-    opt = p.add_argument_group("optimizer (Adamax, as Pythia)")
-    opt.add_argument("--lr", type=positive_float, default=3e-3,
-                     help="learning rate after warm-up (default: %(default)s)")
-    opt.add_argument("--warmup-steps", type=non_negative_int, default=50,
-                     help="linear learning-rate warm-up from 0, then constant (default: "
-                          "%(default)s)")
-    opt.add_argument("--grad-clip", type=non_negative_float, default=0.25,
-                     help="clip the gradient norm to this value; 0 disables (default: "
-                          "%(default)s)")
-
-    model = p.add_argument_group("model")
-    model.add_argument("--hidden-dim", type=positive_int, default=64,
-                       help="LSTM, attention and text-classifier width (default: %(default)s)")
-    model.add_argument("--joint-dim", type=positive_int, default=128,
-                       help="joint embedding width (where Grad-CAM vectors live) and "
-                            "image-classifier width (default: %(default)s)")
-    model.add_argument("--dropout", type=_probability, default=0.1,
-                       help="dropout on the joint embedding and in the classifier (default: "
-                            "%(default)s)")
-    model.add_argument("--image-glimpses", type=positive_int, default=1,
-                       help="attention heads over the image regions, concatenated (Pythia: 2; "
-                            "default: %(default)s)")
-    model.add_argument("--input-ablation", choices=INPUT_ABLATIONS, default="none",
-                       help="shortcut probes: text-only zeroes every region feature, "
-                            "image-only replaces every question by one token (default: "
-                            "%(default)s)")
-
-    data = p.add_argument_group("training data")
-    data.add_argument("--synthetic-seed", type=int, default=0,
-                      help="seed of the embedded synthetic benchmark (default: %(default)s)")
-    data.add_argument("--synthetic-train-groups", type=positive_int, default=3000,
-                      help="training groups of the synthetic benchmark (default: %(default)s)")
-    data.add_argument("--synthetic-design", choices=sorted(DESIGNS), default="v1",
-                      help="reasoning templates of the synthetic benchmark: v1 (the original, "
-                           "with answer priors), balanced (even priors, templates two "
-                           "glimpses can perceive) or shift (balanced's templates with strong "
-                           "answer priors in train and val and balanced's test split; "
-                           "docs/synthetic_benchmark.md; default: %(default)s)")
-    data.add_argument("--introspect", type=existing_file, default=None,
-                      help="VQA-Introspect training JSON (real data; needs --vqa-questions, "
-                           "--vqa-annotations, --features and the --val-* files)")
-    data.add_argument("--vqa-questions", type=existing_file, default=None,
-                      help="VQAv2 training questions JSON")
-    data.add_argument("--vqa-annotations", type=existing_file, default=None,
-                      help="VQAv2 training annotations JSON")
-    data.add_argument("--features", type=existing_path, default=None,
-                      help="region features of the training images (directory of .npy files "
-                           "or a bottom-up TSV)")
-    _add_eval_data_flags(p, defaults=True)
-    return p
-
-
-def build_evaluate_parser() -> OneLineParser:
-    """The parser of ``python -m sort_fast.evaluate``."""
-    p = OneLineParser(
-        prog="python -m sort_fast.evaluate",
-        description="Evaluate a checkpoint: consistency quadrants, accuracy, Grad-CAM ranking "
-                    "metrics and grounding; writes metrics.json, table1.md and plots.")
-    p.add_argument("checkpoint", type=existing_path,
-                   help="a checkpoint.pt written by training, or the run folder holding it "
-                        "(the trainer's --out)")
-    p.add_argument("--out", default=None,
-                   help=f"output directory (default: an '{EVAL_DIR}' directory beside the "
-                        "checkpoint)")
-    _add_run_flags(p, training=False)
-    p.add_argument("--synthetic-seed", type=int, default=None,
-                   help="seed of the synthetic benchmark (default: as in training)")
-    p.add_argument("--synthetic-split", choices=("val", "test"), default=None,
-                   help="split of the synthetic benchmark to evaluate on: val (the one "
-                        "training reports and tuning may look at) or test (held out for "
-                        "final numbers; default: as in training, i.e. val)")
-    _add_eval_data_flags(p, defaults=False)
-    return p
+def parse_train_args(argv: Optional[Sequence[str]] = None) -> Tuple[TrainConfig, bool]:
+    """The :class:`TrainConfig` of the command line ``argv`` (``sys.argv[1:]`` when ``None``):
+    defaults, then a ``--config`` file's values, then the flags given; and whether
+    ``--print-config`` was given. Errors end the program with one line (exit 2)."""
+    parser = build_train_parser()
+    args = parser.parse_args(argv)
+    given = set(explicit_flags(build_train_parser, argv)) - {"config", "print_config"}
+    if args.config is not None:
+        try:
+            from_file = read_config_file(args.config)
+        except CLIError as e:
+            parser.error(str(e))
+        parser.set_defaults(**from_file)
+        parser.quiet = True  # a deprecated spelling warned in the first parse already
+        args = parser.parse_args(argv)
+        given |= set(from_file)
+    if args.resume and args.overwrite:
+        parser.error("argument --overwrite: not allowed with argument --resume")
+    config = TrainConfig.from_namespace(args)
+    return dataclasses.replace(config, given=frozenset(given)), args.print_config
 
 
 def require_all(args: argparse.Namespace, names: Sequence[str]) -> bool:

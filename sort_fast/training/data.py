@@ -1,7 +1,6 @@
 """Data sets, the resumable data order and the model configuration of a run."""
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Dict, Iterator, List, Optional, Sequence
@@ -9,9 +8,9 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 import torch
 
 from ..data import Group, IntrospectDataset, SyntheticIntrospect, Vocab, collate_groups
-from ..models import PythiaConfig
 from ..errors import CLIError
-from .config import require_all
+from ..models import PythiaConfig
+from .config import DataConfig, ModelConfig, require_all
 
 __all__ = ["Datasets", "DataOrder", "StepBatchSampler", "make_loader", "load_train_data",
            "load_val_data", "model_config"]
@@ -70,9 +69,11 @@ def _check_feature_dim(val: Sequence[Group], source: Dict[str, Any], expected: i
                        f"{expected_from} {expected}-d")
 
 
-def load_train_data(args: argparse.Namespace) -> Datasets:
-    """Training and validation groups from the flags of ``sort_fast.train``: the embedded
-    synthetic benchmark, or real VQA-Introspect data when the data files are given."""
+def load_train_data(args: DataConfig) -> Datasets:
+    """Training and validation groups from the data section of a
+    :class:`~sort_fast.training.TrainConfig` (or the flags of ``sort_fast.train``, which have
+    the same names): the embedded synthetic benchmark, or real VQA-Introspect data when the
+    data files are given."""
     real_train = require_all(args, TRAIN_FILES)
     real_val = require_all(args, VAL_FILES)
     if real_train != real_val:
@@ -93,10 +94,11 @@ def load_train_data(args: argparse.Namespace) -> Datasets:
     return Datasets(train, val, train.vocab, train.answer_vocab, train.feature_dim, source)
 
 
-def load_val_data(args: argparse.Namespace, stored: Dict[str, Any], vocab: Vocab,
+def load_val_data(args: Any, stored: Dict[str, Any], vocab: Vocab,
                   answer_vocab: Vocab, feature_dim: int) -> Datasets:
-    """Validation groups for ``sort_fast.evaluate``: the flags given, else the source stored in
-    the checkpoint (``stored``). Vocabularies come from the checkpoint."""
+    """Validation groups for ``sort_fast.evaluate``: the flags given (``args``, the
+    evaluator's parsed flags), else the source stored in the checkpoint (``stored``).
+    Vocabularies come from the checkpoint."""
     if require_all(args, VAL_FILES):
         source = {"kind": "introspect", **{k: getattr(args, k) for k in VAL_FILES}}
     elif stored["kind"] == "synthetic":
@@ -114,9 +116,10 @@ def load_val_data(args: argparse.Namespace, stored: Dict[str, Any], vocab: Vocab
     return Datasets(None, val, vocab, answer_vocab, feature_dim, source)
 
 
-def model_config(args: argparse.Namespace, data: Datasets) -> PythiaConfig:
-    """A small Pythia sized by ``--hidden-dim``/``--joint-dim``/``--dropout``, with
-    ``--image-glimpses`` and ``--input-ablation``."""
+def model_config(args: ModelConfig, data: Datasets) -> PythiaConfig:
+    """A small Pythia sized by the model section of a
+    :class:`~sort_fast.training.TrainConfig` (or the flags): ``--hidden-dim``/``--joint-dim``/
+    ``--dropout``, with ``--image-glimpses`` and ``--input-ablation``."""
     h, j = args.hidden_dim, args.joint_dim
     return PythiaConfig(
         vocab_size=len(data.vocab), num_answers=len(data.answer_vocab),

@@ -3,16 +3,16 @@
 Each process takes a disjoint shard of every step's groups; DDP starts every copy from rank
 0's parameters and averages the gradients in bucketed all-reduces during the backward pass.
 Both Grad-CAM paths work under it: the closed form runs plain differentiable operations, and
-the ``--naive`` path's ``autograd.grad(create_graph=True)`` accumulates no parameter gradient,
-so DDP's hooks fire only in the final backward. Every process ends each step with the same
-weights. A DDP run is not bit-identical to one process training on the whole batch: each
-process averages its loss over its own shard (per role, and over the groups it counts), and
-DDP averages these shard gradients, which weights questions slightly differently when shards
-hold different numbers of questions per role; the gradient is also summed in another order.
-Adamax, which scales each coordinate's step to about the learning rate whatever the size of
-its gradient, turns such small differences in near-zero gradient entries into weight
-differences of the order of the learning rate (4.7e-3 at most after 3 steps at lr 3e-3 with
-2 processes in ``tests/test_train.py``).
+the ``--autograd-reference`` path's ``autograd.grad(create_graph=True)`` accumulates no
+parameter gradient, so DDP's hooks fire only in the final backward. Every process ends each
+step with the same weights. A DDP run is not bit-identical to one process training on the
+whole batch: each process averages its loss over its own shard (per role, and over the
+groups it counts), and DDP averages these shard gradients, which weights questions slightly
+differently when shards hold different numbers of questions per role; the gradient is also
+summed in another order. Adamax, which scales each coordinate's step to about the learning
+rate whatever the size of its gradient, turns such small differences in near-zero gradient
+entries into weight differences of the order of the learning rate (4.7e-3 at most after 3
+steps at lr 3e-3 with 2 processes in ``tests/test_train.py``).
 """
 from __future__ import annotations
 

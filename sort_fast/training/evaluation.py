@@ -10,10 +10,7 @@ consistent the model is than its sub-question accuracy alone predicts).
 """
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -22,17 +19,16 @@ from scipy.stats import spearmanr
 
 from ..data import Group, Vocab, collate_groups, load_hat_maps, regions_to_map
 from ..data.synthetic import COLOURS, SIZES, STATES
+from ..errors import CLIError
 from ..layout import ROLE_IRRELEVANT, ROLE_REASONING, ROLE_SUB, candidate_layout, row_roles
 from ..metrics import ConsistencyMeter, ranking_metrics_packed
 from ..models import PythiaVQA
 from ..ops.contrastive_loss import gradcam_similarity
-from .checkpoint import atomic_write
-from ..errors import CLIError
+from .eval_result import EvalResult, Example
 from .objective import gradcam_gradient
 from .prior_metrics import prior_agreement, prior_breakdown
 
-__all__ = ["Example", "EvalResult", "evaluate", "question_kind", "QUESTION_KINDS", "load_hat",
-           "format_metric", "format_table", "write_report"]
+__all__ = ["evaluate", "question_kind", "QUESTION_KINDS", "load_hat"]
 
 HAT_SIZE = 14
 
@@ -51,33 +47,6 @@ _KIND_PATTERNS: Tuple[Tuple[str, "re.Pattern[str]"], ...] = (
     ("present", re.compile(r"^(?:is there|can you see) an? \S")),
 )
 QUESTION_KINDS: Tuple[str, ...] = (*(kind for kind, _ in _KIND_PATTERNS), "other")
-
-
-@dataclass
-class Example:
-    """One validation group for the plots: its questions (reasoning first), roles, Grad-CAM
-    similarities, predicted answers and whether they are right, the reasoning question's region
-    Grad-CAM ``cam [R]``, region ``boxes [R, 4]`` and grounding truth (``None`` if unknown)."""
-
-    questions: List[str]
-    roles: np.ndarray
-    similarity: np.ndarray
-    predicted: List[str]
-    correct: np.ndarray
-    cam: np.ndarray
-    boxes: np.ndarray
-    grounding: Optional[np.ndarray]
-
-
-@dataclass
-class EvalResult:
-    """``metrics`` (JSON-ready), Grad-CAM ``similarity [T]`` and ``roles [T]`` of every
-    validation question, and a few :class:`Example` groups."""
-
-    metrics: Dict[str, Any]
-    similarity: np.ndarray
-    roles: np.ndarray
-    examples: List[Example] = field(default_factory=list)
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -368,54 +337,3 @@ def load_hat(directory: Optional[str], groups: Sequence[Group]
     if not maps:
         raise CLIError(f"{directory}: no VQA-HAT map matches a validation reasoning question")
     return maps
-
-
-# (header, metrics key, scale, arrow) in the column order of the paper's Table 1
-COLUMNS = (
-    ("R✓S✓", "r_right_s_right", 100, "↑"), ("R✓S✗", "r_right_s_wrong", 100, "↓"),
-    ("R✗S✓", "r_wrong_s_right", 100, "↓"), ("R✗S✗", "r_wrong_s_wrong", 100, "↓"),
-    ("Consistency%", "consistency", 100, "↑"), ("Reas. Accuracy%", "reasoning_accuracy", 100, "↑"),
-    ("VQA Accuracy%", "vqa_accuracy", 100, "↑"), ("MP@1", "mp1", 100, "↑"),
-    ("Ranking Accuracy", "ranking_accuracy", 100, "↑"), ("MRR", "mrr", 100, "↑"),
-    ("WPR", "wpr", 100, "↓"), ("Grounding ρ", "grounding_spearman", 1, "↑"),
-)
-
-
-def format_metric(value: float, scale: float, sign: str = "") -> str:
-    """One cell of Table 1: a fraction as a percentage (``scale`` 100) with 2 decimals, an
-    unscaled value (grounding's rho) with 3; ``sign="+"`` prints the sign of a difference."""
-    return f"{value * scale:{sign}.2f}" if scale != 1 else f"{value:{sign}.3f}"
-
-
-def format_table(metrics: Mapping[str, Any], method: str) -> str:
-    """A Markdown table in the layout of the paper's Table 1 (fractions as percentages, WPR
-    ×100 as in the paper; grounding as Spearman's rho)."""
-    header = "| Method | " + " | ".join(f"{h} {a}" for h, _, _, a in COLUMNS) + " |"
-    rule = "|---|" + "---:|" * len(COLUMNS)
-    cells = []
-    for _, key, scale, _ in COLUMNS:
-        value = metrics.get(key)
-        cells.append("–" if value is None else format_metric(value, scale))
-    return "\n".join([header, rule, f"| {method} | " + " | ".join(cells) + " |"])
-
-
-def write_report(result: EvalResult, out_dir: Path, *, method: str,
-                 extra: Optional[Dict[str, Any]] = None, plots: bool = True) -> str:
-    """Writes ``table1.md``, (``plots``) the plots and, last, ``metrics.json`` into
-    ``out_dir``; returns the table. ``extra`` (e.g. the step) is stored in ``metrics.json``
-    beside the metrics. As ``metrics.json`` comes last, its presence means the whole report was
-    written (a process killed while writing leaves no ``metrics.json``)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table = format_table(result.metrics, method)
-    payload = {"method": method, **(extra or {}), "metrics": result.metrics}
-    (out_dir / "metrics.json").unlink(missing_ok=True)  # an earlier report's, until this one's
-    atomic_write(out_dir / "table1.md", lambda f: f.write(
-        (f"Validation metrics ({result.metrics['groups']} groups, "
-         f"{result.metrics['pairs']} <reasoning, sub-question> pairs)\n\n{table}\n").encode()))
-    if plots:
-        from .plots import plot_all  # matplotlib is imported only when plots are written
-
-        plot_all(result, out_dir, method)
-    atomic_write(out_dir / "metrics.json",
-                 lambda f: f.write(json.dumps(payload, indent=2).encode() + b"\n"))
-    return table

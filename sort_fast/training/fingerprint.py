@@ -3,7 +3,6 @@ run on vocabularies or training data other than those it was trained on (docs/RE
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 from functools import lru_cache
@@ -14,6 +13,7 @@ import numpy as np
 
 from ..data import Group
 from ..errors import CLIError
+from .config import DataConfig
 from .data import TRAIN_FILES, Datasets
 
 __all__ = ["data_fingerprint", "check_fingerprint", "FINGERPRINT_PARTS"]
@@ -83,7 +83,7 @@ def _files_digest(paths: Sequence[str], features: str) -> str:
     return h.hexdigest()
 
 
-def data_fingerprint(args: argparse.Namespace, data: Datasets) -> Dict[str, str]:
+def data_fingerprint(args: DataConfig, data: Datasets) -> Dict[str, str]:
     """``{"vocab", "answer_vocab", "train"}``: SHA-256 (hex) of the question and answer
     vocabularies (tokens in order) and of the training data. For the synthetic benchmark that
     is every training group's content, so a generator that changed is seen whatever its seed

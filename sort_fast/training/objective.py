@@ -12,23 +12,24 @@ from torch.nn.parallel import DistributedDataParallel
 from ..data import PackedBatch
 from ..layout import ROLE_IRRELEVANT, ROLE_REASONING, ROLE_SUB, check_layout, group_ids, row_roles
 from ..losses import SOrTLoss, masked_mean, role_bce, row_mask
-from ..models import PythiaOutput, PythiaVQA
+from ..models import VQAModel, VQAOutput
 from ..ops.head_gradcam import head_gradcam
 
 __all__ = ["gradcam_gradient", "attention_alignment", "Objective"]
 
 
-def gradcam_gradient(model: PythiaVQA, out: PythiaOutput, classes: torch.Tensor, naive: bool,
+def gradcam_gradient(model: VQAModel, out: VQAOutput, classes: torch.Tensor, naive: bool,
                      *, create_graph: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """Scores ``[T, A]`` and the Grad-CAM gradient ``d scores[t, classes[t]] / d joint[t]``
     ``[T, D]`` of ``model``'s forward output ``out``: the one place the trainer and the
     evaluator get Grad-CAM gradients from.
 
-    ``naive=False``: the closed form :func:`sort_fast.ops.head_gradcam.head_gradcam` of the
-    classifier head (its scores are the classifier's on ``out.joint``; in training they carry
-    the very dropout mask the gradient does), so ``out`` need not carry scores
-    (``model(batch, scores=False)``). ``naive=True``: ``torch.autograd.grad`` of
-    ``out.scores``. ``create_graph=False`` (evaluation) returns tensors without a graph; the
+    ``naive=False`` (the default path): the closed form
+    :func:`sort_fast.ops.head_gradcam.head_gradcam` of the model's classifier head (its scores
+    are the classifier's on ``out.joint``; in training they carry the very dropout mask the
+    gradient does), so ``out`` need not carry scores (``model(batch, scores=False)``).
+    ``naive=True`` (``--autograd-reference``): ``torch.autograd.grad`` of ``out.scores``.
+    ``create_graph=False`` (evaluation) returns tensors without a graph; the
     naive path then needs ``out`` built with grad enabled.
     """
     if naive:
@@ -75,7 +76,9 @@ class Objective:
       Grad-CAM term: the control that separates SOrT's contrastive term from its re-weighting
       of the questions.
 
-    ``naive`` selects the autograd Grad-CAM path and the loss's PyTorch backend.
+    ``naive`` (the trainer's ``--autograd-reference``) selects the autograd Grad-CAM path and
+    the loss's PyTorch backend. ``model`` is any :class:`~sort_fast.models.VQAModel`; SQuINT
+    needs one with region attention.
     """
 
     def __init__(self, kind: str, *, lambda_reasoning: float, lambda_sub: float,
@@ -89,7 +92,7 @@ class Objective:
                                       mode="contrastive" if kind == "sort" else "sq_only",
                                       backend="torch" if naive else "auto")
 
-    def __call__(self, model: PythiaVQA, batch: PackedBatch
+    def __call__(self, model: VQAModel, batch: PackedBatch
                  ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """The loss of ``batch`` (with its graph) and its parts, detached 0-d tensors on the
         loss's device (read them in batches: each read is a host sync on a GPU)."""
@@ -119,6 +122,9 @@ class Objective:
             per_row, row_mask(batch.group_valid, batch.offsets, per_row.shape[0], per_row.dtype))
         if self.kind == "bce":
             return bce, {"loss": bce.detach(), "bce": bce.detach()}
+        if out.attention is None:
+            raise ValueError(f"--loss squint aligns region attention, which "
+                             f"{type(model).__name__} does not give")
         align = attention_alignment(out.attention.float(), batch.offsets, batch.num_sub,
                                     batch.group_valid)
         total = bce + self.lambda_attention * align

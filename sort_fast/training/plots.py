@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 
 from ..data import regions_to_map  # noqa: E402
 from ..layout import ROLE_IRRELEVANT, ROLE_SUB  # noqa: E402
-from .evaluation import EvalResult, Example  # noqa: E402
+from .eval_result import EvalResult, Example  # noqa: E402
 
 __all__ = ["plot_all", "plot_training_curves", "plot_comparison", "PLOTS", "CURVES"]
 

@@ -11,7 +11,7 @@ import torch
 from ..data import PackedBatch
 from .objective import Objective
 
-__all__ = ["make_optimizer", "train_step", "compile_static_step"]
+__all__ = ["make_optimizer", "train_step", "compile_static_step", "cuda_graph_step"]
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float, *,
@@ -66,5 +66,20 @@ def compile_static_step(objective: Objective, **compile_options) -> Callable:
     def step(model: torch.nn.Module, batch: PackedBatch):
         with torch._dynamo.config.patch(allow_rnn=True):
             return compiled(model, batch)
+
+    return step
+
+
+def cuda_graph_step(objective: Objective) -> Callable:
+    """The trainer's ``--cuda-graphs`` step: :func:`compile_static_step` in mode
+    ``reduce-overhead`` (CUDA graphs). Each call starts a new graph step, and the loss parts
+    are copied out of the graph's output memory, which the next replay overwrites (the trainer
+    reads them steps later)."""
+    compiled = compile_static_step(objective, mode="reduce-overhead")
+
+    def step(model: torch.nn.Module, batch: PackedBatch):
+        torch.compiler.cudagraph_mark_step_begin()
+        loss, parts = compiled(model, batch)
+        return loss, {name: value.clone() for name, value in parts.items()}
 
     return step
