@@ -74,9 +74,13 @@ from sort_fast.data import PackedBatch, SyntheticIntrospect, collate_groups
 from sort_fast.data.buckets import ShapeBuckets, pad_to_bucket
 from sort_fast.losses import role_bce
 from sort_fast.models import PythiaConfig, PythiaVQA, pythia_sizes
-from sort_fast.train import compiled_step
 from sort_fast.training import Objective, gradcam_gradient
-from sort_fast.training.static_step import compile_static_step, make_optimizer, train_step
+from sort_fast.training.static_step import (
+    compile_objective,
+    compile_static_step,
+    make_optimizer,
+    train_step,
+)
 
 NUM_GROUPS = 64
 LAMBDAS = (2.27, 2.27, 3e-4)
@@ -222,7 +226,7 @@ def fused_parts(model, batch: PackedBatch, sort_loss, mark: Callable[[], None] =
 @functools.lru_cache(maxsize=None)
 def compiled_objective():
     """The trainer's ``--compile`` step: ``Objective("sort")`` under ``torch.compile``."""
-    return compiled_step(make_objective())
+    return compile_objective(make_objective())
 
 
 LOSSES: Dict[str, Callable[[PythiaVQA, Setup], torch.Tensor]] = {

@@ -89,7 +89,7 @@ from .training.logs import JsonLog, StepLog, setup_logging
 from .training.metrics_table import format_table
 from .training.objective import Objective
 from .training.state import TrainState, every_n_steps
-from .training.static_step import cuda_graph_step, make_optimizer, train_step
+from .training.static_step import compile_objective, cuda_graph_step, make_optimizer, train_step
 
 __all__ = ["main", "train", "TrainResult"]
 
@@ -136,18 +136,6 @@ def _warmup(warmup_steps: int) -> Callable[[int], float]:
     """Linear warm-up from 0 over ``warmup_steps``, then constant (a schedule that does not
     depend on the run's length, so a resumed run with more steps continues the same curve)."""
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
-
-
-def compiled_step(objective: Objective) -> Callable:
-    """``objective`` under ``torch.compile``: the model's forward (its LSTM included, through
-    Dynamo's RNN support), the closed-form Grad-CAM and the loss in one graph."""
-    compiled = torch.compile(objective)
-
-    def step(model: VQAModel, batch: PackedBatch):
-        with torch._dynamo.config.patch(allow_rnn=True):
-            return compiled(model, batch)
-
-    return step
 
 
 def _to_device(batch: PackedBatch, device: torch.device,
@@ -406,7 +394,7 @@ def _step_function(config: TrainConfig, objective: Objective) -> Callable:
     CUDA graphs (``--cuda-graphs``)."""
     if config.run.cuda_graphs and CAPTURE_GRAPHS:
         return cuda_graph_step(objective)
-    return compiled_step(objective) if config.run.compile else objective
+    return compile_objective(objective) if config.run.compile else objective
 
 
 def _train_step(run: _Run, train_model: torch.nn.Module, batch: PackedBatch,

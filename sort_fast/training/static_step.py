@@ -11,7 +11,8 @@ import torch
 from ..data import PackedBatch
 from .objective import Objective
 
-__all__ = ["make_optimizer", "train_step", "compile_static_step", "cuda_graph_step"]
+__all__ = ["make_optimizer", "train_step", "compile_objective", "compile_static_step",
+           "cuda_graph_step"]
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float, *,
@@ -55,19 +56,25 @@ def train_step(model: torch.nn.Module, batch: PackedBatch, objective: Objective,
     return loss, parts
 
 
-def compile_static_step(objective: Objective, **compile_options) -> Callable:
-    """``objective`` under ``torch.compile(dynamic=False)``, for batches padded to a few
-    static shapes (:func:`~sort_fast.data.buckets.pad_to_bucket`): one graph per shape, no
-    recompilation once each shape was seen (the LSTM through Dynamo's RNN support, as in the
-    trainer's ``--compile``). ``compile_options`` go to ``torch.compile`` (e.g.
-    ``mode="reduce-overhead"`` on a GPU: CUDA graphs)."""
-    compiled = torch.compile(objective, dynamic=False, **compile_options)
+def compile_objective(objective: Objective, **compile_options) -> Callable:
+    """``objective`` under ``torch.compile(**compile_options)`` (the trainer's ``--compile``):
+    the model's forward (its LSTM included, through Dynamo's RNN support), the closed-form
+    Grad-CAM and the loss in one graph."""
+    compiled = torch.compile(objective, **compile_options)
 
     def step(model: torch.nn.Module, batch: PackedBatch):
         with torch._dynamo.config.patch(allow_rnn=True):
             return compiled(model, batch)
 
     return step
+
+
+def compile_static_step(objective: Objective, **compile_options) -> Callable:
+    """:func:`compile_objective` with ``dynamic=False``, for batches padded to a few static
+    shapes (:func:`~sort_fast.data.buckets.pad_to_bucket`): one graph per shape, no
+    recompilation once each shape was seen. ``compile_options`` go to ``torch.compile`` (e.g.
+    ``mode="reduce-overhead"`` on a GPU: CUDA graphs)."""
+    return compile_objective(objective, dynamic=False, **compile_options)
 
 
 def cuda_graph_step(objective: Objective) -> Callable:
