@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -44,7 +45,8 @@ from tqdm.auto import tqdm
 from .data import PackedBatch
 from .data.buckets import ShapeBuckets, pad_to_bucket
 from .errors import CLIError, Interrupted
-from .models import VQAModel
+from .models import LlavaVQA, VQAModel, model_kind
+from .models.llava import ADAPTER_DIR, MERGED_DIR
 from .training.checkpoint import (
     MODEL_KEYS,
     TRAINING_KEYS,
@@ -59,10 +61,10 @@ from .training.checkpoint import (
 )
 from .training.config import (
     EVAL_DIR,
-    METHOD_NAMES,
     TrainConfig,
     build_train_parser,
     command_line,
+    method_name,
     parse_train_args,
     resumed_config,
     run_command,
@@ -102,6 +104,7 @@ REPORT = ("table1.md", "metrics.json")
 # first (a fresh start killed before its first save then leaves nothing to resume), before the
 # new run writes anything
 RUN_OUTPUTS = (CHECKPOINT, "log.jsonl", "train.log", CONFIG_FILE, *REPORT)
+HF_OUTPUTS = (MERGED_DIR, ADAPTER_DIR)  # --model llava: LlavaVQA.save_pretrained's folders
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # False: --cuda-graphs pads and buckets every batch but neither compiles nor captures (a run
 # on the CPU that tests the padded path)
@@ -124,6 +127,11 @@ def _build_model(config: TrainConfig, data: Datasets, resume: Optional[Dict[str,
     if resume is not None:
         return model_from_checkpoint(resume, out / CHECKPOINT)
     init = config.model.init
+    if init is None and config.model.hf_model is not None:
+        try:
+            return LlavaVQA(model_config(config.model, data), pretrained=config.model.hf_model)
+        except ValueError as e:
+            raise CLIError(f"--hf-model {e}") from None
     if init is None:
         return model_config(config.model, data).build()
     state = load_checkpoint(init, MODEL_KEYS)
@@ -217,6 +225,8 @@ def _remove_run(out: Path) -> None:
         (out / EVAL_DIR / name).unlink(missing_ok=True)
     with contextlib.suppress(OSError):  # absent, or holding files of the user's
         (out / EVAL_DIR).rmdir()
+    for folder in HF_OUTPUTS:  # written by the trainer alone
+        shutil.rmtree(out / folder, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -262,7 +272,7 @@ class _Run:
 
     @property
     def method(self) -> str:
-        return METHOD_NAMES[self.config.objective.loss]
+        return method_name(self.config.objective.loss, self.config.model.model)
 
     def kept(self) -> str:
         return (f"the checkpoint of step {self.saved_step} is kept"
@@ -286,6 +296,7 @@ def _save(run: _Run) -> None:
     if run.ctx.is_main:
         write_run_checkpoint({
             **state.state_dict(), "rng": rngs, "config": run.config.flags(),
+            "model_kind": model_kind(state.model.config),
             "model_config": dataclasses.asdict(state.model.config),
             "vocab": run.data.vocab.tokens, "answer_vocab": run.data.answer_vocab.tokens,
             "source": run.data.source, "method": run.method,
@@ -333,7 +344,8 @@ def _start(config: TrainConfig, ctx: DistContext, out: Path) -> _Run:
     total = optim.max_steps or optim.epochs * order.steps_per_epoch
     model = _build_model(config, data, resume, out).to(ctx.device)
     capturable = config.run.cuda_graphs and CAPTURE_GRAPHS
-    optimizer = make_optimizer(model.parameters(), optim.lr, capturable=capturable)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters
+    optimizer = make_optimizer(trainable, optim.lr, capturable=capturable)
     state = TrainState(model, optimizer,
                        torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup(optim.warmup_steps)),
                        torch.amp.GradScaler(ctx.device.type, enabled=config.run.amp == "fp16"),
@@ -343,10 +355,12 @@ def _start(config: TrainConfig, ctx: DistContext, out: Path) -> _Run:
                           lambda_sub=obj.lambda_sub, lambda_irrelevant=obj.lambda_irrelevant,
                           margin=obj.margin, lambda_attention=obj.lambda_attention,
                           naive=obj.autograd_reference)
-    log.info("%s on %d train / %d val groups (%s data, loaded in %.1fs); %d parameters; "
-             "device %s x%d; %d steps of %d groups (%d per epoch)", METHOD_NAMES[obj.loss],
+    log.info("%s on %d train / %d val groups (%s data, loaded in %.1fs); %d parameters (%d "
+             "trained); device %s x%d; %d steps of %d groups (%d per epoch)",
+             method_name(obj.loss, config.model.model),
              len(data.train), len(data.val), data.source["kind"], time.perf_counter() - t0,
-             sum(p.numel() for p in model.parameters()), ctx.device, ctx.world_size, total,
+             sum(p.numel() for p in model.parameters()), sum(p.numel() for p in trainable),
+             ctx.device, ctx.world_size, total,
              order.batch_groups, order.steps_per_epoch)
     run = _Run(config, ctx, out, data, state, objective, total, fingerprint, hat_maps,
                saved_step=None, report=None)
@@ -498,6 +512,8 @@ def _finish(run: _Run) -> TrainResult:
                          plots=run.config.run.plots)
     log.info("wrote %s, %s%s to %s", CHECKPOINT, "metrics.json",
              " and plots" if run.config.run.plots else "", run.out)
+    if isinstance(model, LlavaVQA):
+        log.info("wrote %s", ", ".join(model.save_pretrained(str(run.out))))
     print(table, flush=True)
     return TrainResult(model, result.metrics)
 

@@ -44,7 +44,8 @@ OLD_DEFAULTS = {
     "vqa_questions": None, "vqa_annotations": None, "features": None,
     "synthetic_val_groups": 1000, "val_introspect": None, "val_vqa_questions": None,
     "val_vqa_annotations": None, "val_features": None, "hat_dir": None}
-ADDED_SINCE = {"cuda_graphs": False}
+ADDED_SINCE = {"cuda_graphs": False, "model": "pythia", "decoder_layers": 2, "decoder_heads": 4,
+               "gradcam_layer": -1, "lora": 0, "lora_alpha": 16.0, "hf_model": None}
 # the hand-kept lists the marks replaced
 OLD_TRAJECTORY_FLAGS = (
     "seed", "batch_groups", "loss", "lambda_reasoning", "lambda_sub", "lambda_irrelevant",
@@ -120,9 +121,10 @@ def test_generated_defaults_and_marks_are_the_old_ones():
     assert TrainConfig().flags() == {**OLD_DEFAULTS, **ADDED_SINCE}
     renamed = {"naive": "autograd_reference"}
     assert {renamed.get(n, n) for n in OLD_TRAJECTORY_FLAGS} <= set(marked(trajectory=True))
-    # and the one added since: --cuda-graphs pads batches, which changes dropout's masks
+    # and those added since: --cuda-graphs pads batches, which changes dropout's masks; the
+    # decoder's model flags
     assert set(marked(trajectory=True)) - {renamed.get(n, n) for n in OLD_TRAJECTORY_FLAGS} \
-        == {"cuda_graphs"}
+        == set(ADDED_SINCE)
     assert set(marked(control=True)) == set(OLD_RUN_CONTROL_FLAGS)
 
 

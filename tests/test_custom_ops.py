@@ -266,25 +266,36 @@ def test_pythia_training_step_makes_no_host_sync(monkeypatch):
     assert torch.isfinite(torch.stack(list(parts.values()))).all()
 
 
-@pytest.mark.parametrize("normalize, affine", [(True, True), (True, False), (False, False)])
-@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu"])
-def test_norm_act_gradcam_op(normalize, affine, activation):
-    """The LayerNorm/activation op of the transformer heads: opcheck (schema, fake, autograd
-    registration) and its hand-written backward against finite differences (float64)."""
+@pytest.mark.parametrize("norm, affine", [("layer", True), ("layer", False), ("rms", True),
+                                          ("rms", False), ("none", False)])
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "identity"])
+def test_norm_act_gradcam_op(norm, affine, activation):
+    """The norm/activation op of the transformer heads and of a decoder's final norm (identity
+    activation): opcheck (schema, fake, autograd registration) and its hand-written backward
+    against finite differences (float64)."""
     gen = torch.Generator().manual_seed(3)
     z = torch.randn(5, 7, generator=gen, dtype=torch.float64, requires_grad=True)
     gamma = (torch.rand(7, generator=gen, dtype=torch.float64) + 0.5).requires_grad_() \
         if affine else None
-    beta = torch.randn(7, generator=gen, dtype=torch.float64).requires_grad_() if affine else None
+    beta = torch.randn(7, generator=gen, dtype=torch.float64).requires_grad_() \
+        if affine and norm == "layer" else None
     rows = torch.randn(5, 7, generator=gen, dtype=torch.float64, requires_grad=True)
-    args = (z, gamma, beta, rows, 1e-5, normalize, activation)
+    args = (z, gamma, beta, rows, 1e-5, norm, activation)
     torch.library.opcheck(norm_act_gradcam, args)
     leaves = [t for t in (z, gamma, beta, rows) if t is not None]
 
     def first_output(*xs):
         it = iter(xs)
         full = [next(it) if t is not None else None for t in (z, gamma, beta, rows)]
-        return norm_act_gradcam(*full, 1e-5, normalize, activation)
+        return norm_act_gradcam(*full, 1e-5, norm, activation)
 
     if activation != "relu":  # ReLU's kink makes finite differences meaningless at 0
         assert torch.autograd.gradcheck(first_output, leaves)
+
+
+def test_norm_act_gradcam_rejects_unknown_kinds():
+    z = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        norm_act_gradcam(z, None, None, z, 1e-5, "batch", "relu")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        norm_act_gradcam(z, None, None, z, 1e-5, "rms", "tanh")

@@ -35,13 +35,17 @@ class VQAModel(Protocol):
     """A VQA model the trainer can train with every ``--loss``.
 
     ``model(batch, scores=False)`` may skip the classifier (the closed-form Grad-CAM runs it
-    on ``out.joint``); ``classifier`` maps ``joint [T, D]`` to ``scores [T, A]``; ``config``
-    is a dataclass that :meth:`ModelSpec.build` builds the model from again (checkpoints store
-    it as a dict). Besides these, a model is an ``nn.Module`` (``parameters``, ``state_dict``,
+    on ``out.joint``); ``classifier`` maps ``joint [T, D]`` to ``scores [T, A]``, or is
+    ``None`` when the scores depend on more than ``joint`` (the Grad-CAM gradient is then taken
+    by autograd, and the forward always computes the scores); ``config`` is a dataclass that
+    :meth:`ModelSpec.build` builds the model from again (checkpoints store it as a dict);
+    the evaluator also calls ``region_gradcam(batch, classes)``, its region-level Grad-CAM
+    ``[T, R]`` (grounding).
+    Besides these, a model is an ``nn.Module`` (``parameters``, ``state_dict``,
     ``train``/``eval``, ``to``)."""
 
     config: Any
-    classifier: torch.nn.Module
+    classifier: Optional[torch.nn.Module]
 
     def __call__(self, batch: PackedBatch, *, scores: bool = True) -> VQAOutput: ...
 

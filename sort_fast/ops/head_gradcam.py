@@ -6,7 +6,9 @@
 where ``M`` is the ReLU indicator times the dropout mask (scaled by ``1/(1-p)``) of this very
 forward pass. The product runs as one fused "masked row-gather matmul" (a Triton kernel on CUDA,
 PyTorch elsewhere) whose backward is written by hand; heads without a closed form fall back to
-``torch.autograd.grad(..., create_graph=True)``. Which heads have a closed form:
+``torch.autograd.grad(..., create_graph=True)``. A decoder's final norm and LM head rows
+(``AnswerTokenHead``) have ``g = J_norm(h)^T (gamma * W[c])``, the norm's Jacobian applied to one
+weight row, without the ``[T, V]`` vocabulary logits. Which heads have a closed form:
 :mod:`sort_fast.ops.head_structure`; the ops: :mod:`sort_fast.ops.gather_mm` and
 :mod:`sort_fast.ops.norm_act_gradcam`.
 """
@@ -22,7 +24,7 @@ from torch import nn
 from ..layout import class_range
 from . import triton_available
 from .gather_mm import masked_gather_mm
-from .head_structure import HeadTerm, closed_form_terms
+from .head_structure import HeadTerm, closed_form_terms, norm_kind
 from .norm_act_gradcam import norm_act_gradcam
 
 __all__ = ["head_gradcam", "check_classes", "check_class_range"]
@@ -103,12 +105,12 @@ def _term_gradcam(
     term: HeadTerm, h: torch.Tensor, classes: torch.Tensor, backend: str
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Scores ``[T, A]`` and ``dy_c/dh [T, D]`` of one term of a head."""
+    if term.input_linear is None:
+        return _norm_first_gradcam(term, h, classes)
     # the effective weights: parametrisations (weight norm) stay in the graph
     w1 = term.input_linear.weight
     w2 = term.output_linear.weight if term.output_linear is not None else w1
-    device_type = h.device.type  # a device without autocast (meta) cannot be asked about it
-    autocast = (torch.amp.is_autocast_available(device_type)
-                and torch.is_autocast_enabled(device_type))
+    autocast = _autocast_enabled(h)
     if not autocast and (w1.dtype != h.dtype or w2.dtype != h.dtype):
         raise TypeError(f"h is {h.dtype} but the head's weights are {w1.dtype}/{w2.dtype}")
     z = F.linear(h, w1, term.input_linear.bias)  # under autocast: in the autocast dtype
@@ -126,6 +128,54 @@ def _term_gradcam(
     return scores, masked_gather_mm(mask, classes, w2, w1, backend)
 
 
+def _autocast_enabled(h: torch.Tensor) -> bool:
+    device_type = h.device.type  # a device without autocast (meta) cannot be asked about it
+    return (torch.amp.is_autocast_available(device_type)
+            and torch.is_autocast_enabled(device_type))
+
+
+def _norm_args(norm: Optional[nn.Module], acc: torch.dtype, with_beta: bool = True
+               ) -> Tuple[str, float, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(norm, eps, gamma, beta)`` of :func:`norm_act_gradcam` for a term's ``norm``, the
+    affine parameters in ``acc``. An RMSNorm without ``eps`` uses, as ``F.rms_norm`` does, the
+    machine epsilon of the dtype it computes in (``acc``: float32 for half inputs)."""
+    kind = norm_kind(norm)
+    if norm is None:
+        return kind, 0.0, None, None
+    eps = norm.eps if norm.eps is not None else torch.finfo(acc).eps
+    gamma = norm.weight.to(acc) if norm.weight is not None else None
+    bias = getattr(norm, "bias", None) if with_beta else None
+    return kind, eps, gamma, bias.to(acc) if bias is not None else None
+
+
+def _norm_first_gradcam(
+    term: HeadTerm, h: torch.Tensor, classes: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Scores and ``g`` of a decoder's final norm and LM head rows (docs/math.md):
+    ``y = F.linear(norm(h), W[answer_tokens], b[answer_tokens])`` and ``g = J^T (gamma *
+    W[answer_tokens[c]])``, ``J`` the norm's Jacobian (:func:`norm_act_gradcam`, identity
+    activation). Only the ``A`` answer rows of the LM head are ever multiplied: no ``[T, V]``
+    logits. ``g`` is in ``h``'s dtype, as autograd's would be."""
+    norm, out = term.norm, term.output_linear
+    weight, bias = out.weight, out.bias  # the effective weights (parametrisations stay)
+    if term.answer_tokens is not None:
+        weight = weight.index_select(0, term.answer_tokens)
+        bias = None if bias is None else bias.index_select(0, term.answer_tokens)
+    dtypes = {weight.dtype} | ({norm.weight.dtype} if norm.weight is not None else set())
+    autocast = _autocast_enabled(h)
+    if not autocast and dtypes != {h.dtype}:
+        raise TypeError(f"h is {h.dtype} but the head's weights are "
+                        f"{'/'.join(sorted(map(str, dtypes)))}")
+    scores = F.linear(norm(h), weight, bias)  # under autocast: in the autocast dtype
+    acc = torch.promote_types(h.dtype, torch.float32)
+    rows = weight.index_select(0, classes)
+    if autocast:  # the row as autocast's nn.Linear multiplies it
+        rows = rows.to(scores.dtype)
+    kind, eps, gamma, _ = _norm_args(norm, acc, with_beta=False)  # beta: no say in dy/dh
+    E = norm_act_gradcam(h.to(acc), gamma, None, rows.to(acc), eps, kind, "identity")
+    return scores, E.to(h.dtype)
+
+
 def _dropout_mask(drop: Optional[nn.Dropout], like: torch.Tensor) -> Optional[torch.Tensor]:
     """This forward's dropout mask (scaled by ``1/(1-p)``), drawn by the module itself so that
     the RNG use matches ``head(h)``; None when dropout is off."""
@@ -137,26 +187,21 @@ def _dropout_mask(drop: Optional[nn.Dropout], like: torch.Tensor) -> Optional[to
 def _smooth_term_gradcam(
     term: HeadTerm, z: torch.Tensor, classes: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Scores and ``g = E @ W1`` of ``Linear -> [LayerNorm] -> ReLU|GELU -> [Dropout] ->
-    Linear`` (docs/math.md): ``E`` (:func:`norm_act_gradcam`, one op with a hand-written
+    """Scores and ``g = E @ W1`` of ``Linear -> [LayerNorm|RMSNorm] -> ReLU|GELU -> [Dropout]
+    -> Linear`` (docs/math.md): ``E`` (:func:`norm_act_gradcam`, one op with a hand-written
     backward) back-propagates ``mask * W2[c]`` through the activation's slope and the
-    LayerNorm's Jacobian; the scores take PyTorch's fused LayerNorm and GELU."""
+    norm's Jacobian; the scores take PyTorch's fused norm and GELU."""
     acc = torch.promote_types(z.dtype, torch.float32)
     norm = term.norm
-    a = z if norm is None else F.layer_norm(z, norm.normalized_shape, norm.weight, norm.bias,
-                                            norm.eps)
+    a = z if norm is None else norm(z)  # a plain nn.LayerNorm / nn.RMSNorm
     s = {"relu": F.relu, "gelu": F.gelu,
          "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}[term.activation](a)
     mask = _dropout_mask(term.dropout, s)
     scores = F.linear(s if mask is None else s * mask, w2, term.output_linear.bias)
     rows = w2.index_select(0, classes).to(acc)
     rows = rows if mask is None else rows * mask.to(acc)
-    gamma = beta = None
-    if norm is not None:
-        gamma = norm.weight.to(acc) if norm.weight is not None else None
-        beta = norm.bias.to(acc) if norm.bias is not None else None
-    E = norm_act_gradcam(z.to(acc), gamma, beta, rows, norm.eps if norm is not None else 0.0,
-                         norm is not None, term.activation)
+    kind, eps, gamma, beta = _norm_args(norm, acc)
+    E = norm_act_gradcam(z.to(acc), gamma, beta, rows, eps, kind, term.activation)
     return scores, E.to(w1.dtype) @ w1
 
 
@@ -175,10 +220,14 @@ def head_gradcam(
     vector ``grad * h`` when ``times_input``), differentiable w.r.t. ``h`` and the head's
     parameters as ``torch.autograd.grad(..., create_graph=True)`` would be (once).
 
-    Closed form for ``nn.Linear``, ``Linear -> [LayerNorm] -> ReLU|GELU -> [Dropout] -> Linear``
-    (GELU exact or tanh; a ViLT/BERT-style answer head; nested
-    ``nn.Sequential`` allowed, weights may be parametrised, e.g. weight norm) and ``BranchSum``
-    of those; any other head falls back to autograd with a one-time warning. ``backend``:
+    Closed form for ``nn.Linear``, ``Linear -> [LayerNorm|RMSNorm] -> ReLU|GELU -> [Dropout] ->
+    Linear`` (GELU exact or tanh; a ViLT/BERT-style answer head), a decoder's final norm and LM
+    head ``Sequential(LayerNorm|RMSNorm, Linear)`` or ``AnswerTokenHead(norm, lm_head,
+    answer_tokens)`` (only the answer rows of the LM head are used, never ``[T, V]`` logits),
+    nested ``nn.Sequential`` allowed, weights may be parametrised (e.g. weight norm), and
+    ``BranchSum`` of those. The norms are the stock ``nn.LayerNorm`` and ``nn.RMSNorm``
+    (transformers' ``LlamaRMSNorm``, which computes in float32, is not recognised); any other
+    head, or a module with hooks, falls back to autograd with a one-time warning. ``backend``:
     ``"triton"`` (fused kernels; CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` or
     ``"auto"`` (Triton on CUDA).
     """
@@ -195,11 +244,10 @@ def head_gradcam(
             )
         return _autograd_gradcam(head, h, classes, times_input)
     for term in terms:
-        if term.input_linear.in_features != h.shape[1]:
+        if term.in_features != h.shape[1]:
             raise ValueError(f"h has {h.shape[1]} features but the head expects "
-                             f"{term.input_linear.in_features}")
-    last = terms[0].output_linear or terms[0].input_linear
-    check_class_range(classes, last.out_features)
+                             f"{term.in_features}")
+    check_class_range(classes, terms[0].out_features)
     backend = _resolve_backend(backend, h)
     scores, grad = _term_gradcam(terms[0], h, classes, backend)
     for term in terms[1:]:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import CLIError
-from ..models import PythiaConfig, PythiaVQA
+from ..models import MODEL_CONFIGS, VQAModel
 
 __all__ = ["save_checkpoint", "write_run_checkpoint", "load_checkpoint", "rng_state",
            "set_rng_state", "atomic_write", "content_digest", "lock_run_dir",
@@ -148,16 +148,22 @@ def _first_line(e: Exception) -> str:
     return next(iter(str(e).splitlines()), type(e).__name__)
 
 
-def model_from_checkpoint(state: Dict[str, Any], path: PathLike) -> PythiaVQA:
-    """The :class:`PythiaVQA` that ``state`` (a checkpoint read from ``path`` by
-    :func:`load_checkpoint`) describes, with its weights. A ``model_config`` key the model does
-    not know or lacks, a value that cannot build the model, a weight that is not finite, and
-    weights of other names or shapes than the configured model's are a :class:`CLIError`
-    naming ``path`` and the key or parameter."""
+def model_from_checkpoint(state: Dict[str, Any], path: PathLike) -> VQAModel:
+    """The model that ``state`` (a checkpoint read from ``path`` by :func:`load_checkpoint`)
+    describes, with its weights: its ``model_kind`` (``"pythia"`` when absent, as in
+    checkpoints written before there was a second kind) and ``model_config``. An unknown kind,
+    a ``model_config`` key the model does not know or lacks, a value that cannot build the
+    model, a weight that is not finite, and weights of other names or shapes than the
+    configured model's are a :class:`CLIError` naming ``path`` and the key or parameter."""
     config, weights = state["model_config"], state["model"]
     if not isinstance(config, dict) or not isinstance(weights, dict):
         raise CLIError(f"{path}: model_config and model must be dicts")
-    fields = {f.name: f for f in dataclasses.fields(PythiaConfig)}
+    kind = state.get("model_kind", "pythia")
+    if kind not in MODEL_CONFIGS:
+        raise CLIError(f"{path}: unknown model_kind {kind!r} (written by another version of "
+                       "sort_fast?)")
+    config_class = MODEL_CONFIGS[kind]
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
     unknown = [k for k in config if k not in fields]
     if unknown:
         raise CLIError(f"{path}: unknown model_config key {unknown[0]!r} (written by another "
@@ -167,7 +173,7 @@ def model_from_checkpoint(state: Dict[str, Any], path: PathLike) -> PythiaVQA:
     if needed:
         raise CLIError(f"{path}: model_config has no {needed[0]!r}")
     try:
-        model = PythiaVQA(PythiaConfig(**config))
+        model = config_class(**config).build()
     except (TypeError, ValueError, RuntimeError) as e:
         raise CLIError(f"{path}: its model_config cannot build a model ({_first_line(e)})"
                        ) from None

@@ -36,13 +36,21 @@ from .flags import add_flags, checked_value, flag_fields, flag_name, mark, optio
 __all__ = ["TrainConfig", "DataConfig", "ModelConfig", "ObjectiveConfig", "OptimConfig",
            "RunConfig", "OneLineParser", "build_train_parser", "build_evaluate_parser",
            "parse_train_args", "read_config_file", "resumed_config", "trajectory_changes",
-           "marked", "command_line", "require_all", "LOSSES", "METHOD_NAMES", "EVAL_DIR"]
+           "marked", "command_line", "require_all", "LOSSES", "MODELS", "METHOD_NAMES",
+           "method_name", "EVAL_DIR"]
 
 LOSSES = ("bce", "squint", "sort-sq", "sort", "role-bce")
+MODELS = ("pythia", "llava")
 METHOD_NAMES = {"bce": "Pythia", "squint": "Pythia + SQuINT", "sort-sq": "Pythia + SOrT (only SQ)",
                 "sort": "Pythia + SOrT (SQ + IQ)",
                 "role-bce": "Pythia + SOrT's BCE weights (no Grad-CAM term)"}
+MODEL_NAMES = {"pythia": "Pythia", "llava": "LLaVA"}
 EVAL_DIR = "eval"  # the evaluator's output folder beside the checkpoint, unless --out says
+
+
+def method_name(loss: str, model: str = "pythia") -> str:
+    """The table name of a run: ``METHOD_NAMES[loss]`` with its model's name."""
+    return METHOD_NAMES[loss].replace("Pythia", MODEL_NAMES[model], 1)
 
 
 def run_command(prog: str, command: Callable[[argparse.Namespace], object],
@@ -192,15 +200,40 @@ class DataConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
-    """The Pythia-style model's sizes, and the checkpoint it starts from."""
+    """The model (the Pythia-style model or a LLaVA-style decoder), its sizes, and the
+    checkpoint it starts from."""
 
-    hidden_dim: int = option(64, "LSTM, attention and text-classifier width (default: "
-                             "%(default)s)", parse=positive_int, trajectory=True)
+    model: str = option("pythia", "pythia: the Pythia-style model SOrT was published with; "
+                        "llava: a LLaVA-style decoder VLM whose answers are tokens (docs/vlm.md; "
+                        "default: %(default)s)", choices=MODELS, trajectory=True)
+    hidden_dim: int = option(64, "LSTM, attention and text-classifier width; with --model llava "
+                             "the decoder's width (default: %(default)s)", parse=positive_int,
+                             trajectory=True)
     joint_dim: int = option(128, "joint embedding width (where Grad-CAM vectors live) and "
-                            "image-classifier width (default: %(default)s)", parse=positive_int,
-                            trajectory=True)
-    dropout: float = option(0.1, "dropout on the joint embedding and in the classifier "
-                            "(default: %(default)s)", parse=probability, trajectory=True)
+                            "image-classifier width; with --model llava the decoder's MLP "
+                            "width (default: %(default)s)", parse=positive_int, trajectory=True)
+    decoder_layers: int = option(2, "--model llava: decoder layers (default: %(default)s)",
+                                 parse=positive_int, trajectory=True)
+    decoder_heads: int = option(4, "--model llava: attention heads, half as many key/value "
+                                "heads when even (default: %(default)s)", parse=positive_int,
+                                trajectory=True)
+    gradcam_layer: int = option(-1, "--model llava: the decoder layer whose output at the answer "
+                                "position is the fusion layer Grad-CAM is taken at; -1, the "
+                                "last, has the closed form, another layer takes autograd double "
+                                "backward through the layers above it (default: %(default)s)",
+                                parse=int, trajectory=True)
+    lora: int = option(0, "--model llava: train only LoRA adapters of this rank (peft) on the "
+                       "decoder's attention projections; 0 trains every weight (default: "
+                       "%(default)s)", parse=non_negative_int, metavar="R", trajectory=True)
+    lora_alpha: float = option(16.0, "--model llava: LoRA scaling alpha (default: %(default)s)",
+                               parse=positive_float, trajectory=True)
+    hf_model: Optional[str] = option(None, "--model llava: start from this local "
+                                     "save_pretrained Llava folder (its sizes and weights; "
+                                     "nothing is downloaded)", parse=existing_dir,
+                                     metavar="DIR", trajectory=True)
+    dropout: float = option(0.1, "dropout on the joint embedding and in the classifier; with "
+                            "--model llava on the attention weights (default: %(default)s)",
+                            parse=probability, trajectory=True)
     image_glimpses: int = option(1, "attention heads over the image regions, concatenated "
                                  "(Pythia: 2; default: %(default)s)", parse=positive_int,
                                  trajectory=True)

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 
 from ..data import Group, IntrospectDataset, SyntheticIntrospect, Vocab, collate_groups
 from ..errors import CLIError
-from ..models import PythiaConfig
+from ..models import LlavaVQAConfig, PythiaConfig
+from ..models.llava import check_llava_config, load_hf_config
 from .config import DataConfig, ModelConfig, require_all
 
 __all__ = ["Datasets", "DataOrder", "StepBatchSampler", "make_loader", "load_train_data",
@@ -116,10 +117,16 @@ def load_val_data(args: Any, stored: Dict[str, Any], vocab: Vocab,
     return Datasets(None, val, vocab, answer_vocab, feature_dim, source)
 
 
-def model_config(args: ModelConfig, data: Datasets) -> PythiaConfig:
-    """A small Pythia sized by the model section of a
-    :class:`~sort_fast.training.TrainConfig` (or the flags): ``--hidden-dim``/``--joint-dim``/
-    ``--dropout``, with ``--image-glimpses`` and ``--input-ablation``."""
+def model_config(args: ModelConfig, data: Datasets) -> Union[PythiaConfig, LlavaVQAConfig]:
+    """The model the model section of a :class:`~sort_fast.training.TrainConfig` (or the flags)
+    describes, sized for ``data``: a small Pythia from ``--hidden-dim``/``--joint-dim``/
+    ``--dropout``, with ``--image-glimpses`` and ``--input-ablation``; with ``--model llava`` a
+    LLaVA-style decoder of ``--decoder-layers`` layers ``--hidden-dim`` wide, or the
+    configuration of ``--hf-model``."""
+    if args.model == "llava":
+        return _llava_config(args, data)
+    if args.hf_model is not None or args.lora or args.gradcam_layer != -1:
+        raise CLIError("--hf-model, --lora and --gradcam-layer are for --model llava")
     h, j = args.hidden_dim, args.joint_dim
     return PythiaConfig(
         vocab_size=len(data.vocab), num_answers=len(data.answer_vocab),
@@ -128,6 +135,36 @@ def model_config(args: ModelConfig, data: Datasets) -> PythiaConfig:
         classifier_text_hidden=h, classifier_image_hidden=j, classifier_dropout=args.dropout,
         joint_dropout=args.dropout, image_glimpses=args.image_glimpses,
         input_ablation=args.input_ablation)
+
+
+def _llava_config(args: ModelConfig, data: Datasets) -> LlavaVQAConfig:
+    if args.hf_model is not None and args.init is not None:
+        raise CLIError("give --hf-model or --init, not both")
+    if args.input_ablation != "none" or args.image_glimpses != 1:
+        raise CLIError("--input-ablation and --image-glimpses are for --model pythia")
+    if args.hidden_dim % args.decoder_heads:
+        raise CLIError(f"--hidden-dim {args.hidden_dim} is not a multiple of --decoder-heads "
+                       f"{args.decoder_heads}")
+    heads = args.decoder_heads
+    kv_heads = heads // 2 if heads % 2 == 0 else heads
+    hf_config = None
+    if args.hf_model is not None:
+        try:
+            hf_config = load_hf_config(args.hf_model)
+        except ValueError as e:
+            raise CLIError(f"--hf-model {e}") from None
+    config = LlavaVQAConfig(
+        vocab_size=len(data.vocab), num_answers=len(data.answer_vocab),
+        feature_dim=data.feature_dim, hidden_size=args.hidden_dim,
+        intermediate_size=args.joint_dim, num_layers=args.decoder_layers,
+        num_heads=args.decoder_heads, num_kv_heads=kv_heads,
+        attention_dropout=args.dropout, gradcam_layer=args.gradcam_layer, lora_rank=args.lora,
+        lora_alpha=args.lora_alpha, hf_config=hf_config)
+    try:
+        check_llava_config(config)
+    except ValueError as e:
+        raise CLIError(f"--hf-model {args.hf_model}: {e}" if hf_config else str(e)) from None
+    return config
 
 
 class DataOrder:

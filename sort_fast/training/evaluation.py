@@ -22,7 +22,7 @@ from ..data.synthetic import COLOURS, SIZES, STATES
 from ..errors import CLIError
 from ..layout import ROLE_IRRELEVANT, ROLE_REASONING, ROLE_SUB, candidate_layout, row_roles
 from ..metrics import ConsistencyMeter, ranking_metrics_packed
-from ..models import PythiaVQA
+from ..models import VQAModel
 from ..ops.contrastive_loss import gradcam_similarity
 from .eval_result import EvalResult, Example
 from .objective import gradcam_gradient
@@ -170,7 +170,7 @@ def _template_breakdown(templates: Sequence[str], roles: np.ndarray, correct: np
 
 
 @torch.no_grad()
-def evaluate(model: PythiaVQA, groups: Sequence[Group], *, batch_groups: int,
+def evaluate(model: VQAModel, groups: Sequence[Group], *, batch_groups: int,
              device: torch.device, naive: bool = False, answer_vocab: Optional[Vocab] = None,
              hat_maps: Optional[Mapping[int, np.ndarray]] = None,
              num_examples: int = 4, templates: Optional[Sequence[str]] = None) -> EvalResult:

@@ -28,11 +28,12 @@ def gradcam_gradient(model: VQAModel, out: VQAOutput, classes: torch.Tensor, nai
     :func:`sort_fast.ops.head_gradcam.head_gradcam` of the model's classifier head (its scores
     are the classifier's on ``out.joint``; in training they carry the very dropout mask the
     gradient does), so ``out`` need not carry scores (``model(batch, scores=False)``).
-    ``naive=True`` (``--autograd-reference``): ``torch.autograd.grad`` of ``out.scores``.
+    ``naive=True`` (``--autograd-reference``), and a model whose ``classifier`` is ``None``
+    (its scores depend on more than ``joint``): ``torch.autograd.grad`` of ``out.scores``.
     ``create_graph=False`` (evaluation) returns tensors without a graph; the
-    naive path then needs ``out`` built with grad enabled.
+    autograd path then needs ``out`` built with grad enabled.
     """
-    if naive:
+    if naive or model.classifier is None:
         y = out.scores.gather(1, classes[:, None]).sum()
         (grad,) = torch.autograd.grad(y, out.joint, create_graph=create_graph)
         return (out.scores, grad) if create_graph else (out.scores.detach(), grad)
