@@ -64,6 +64,7 @@ FULL_ONLY: Dict[str, Dict[str, Tuple[object, ...]]] = {
     "bench_step.py": {"size": ("pythia",)},
     "bench_ranking.py": {"num_groups": (100_000,), "pairwise_groups": (100_000, 1_000_000)},
     "bench_loader.py": {"mode": ("train",)},
+    "bench_vlm.py": {"width": (4096,)},
 }
 
 
@@ -77,7 +78,12 @@ def full_only(suite: str, params: Mapping[str, object]) -> bool:
 # benchmarks/conftest.py overrides per suite, and the most rounds any benchmark runs. They check
 # that a suite still runs on the CPU in seconds; the numbers they give mean nothing.
 SMOKE_ENV = "SORT_BENCH_SMOKE"
-SMOKE_SIZES: Dict[str, Dict[str, object]] = {"bench_step.py": {"NUM_GROUPS": 2}}
+_TINY_DECODER = dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2)
+SMOKE_SIZES: Dict[str, Dict[str, object]] = {
+    "bench_step.py": {"NUM_GROUPS": 2},
+    "bench_vlm.py": {"DECODER": {2048: _TINY_DECODER, 4096: _TINY_DECODER}, "TEXT_VOCAB": 500,
+                     "NUM_ANSWERS": 100, "FEATURE_DIM": 64, "NUM_GROUPS": 2},
+}
 SMOKE_ROUNDS = 1
 
 

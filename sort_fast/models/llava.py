@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ from ..data.group import PackedBatch
 from ..heads import AnswerTokenHead
 
 __all__ = ["LlavaVQAConfig", "LlavaOutput", "LlavaVQA", "SPECIAL_TOKENS", "load_hf_config",
-           "check_llava_config", "closed_form_norm", "causal_region_mask"]
+           "check_llava_config", "closed_form_norm", "causal_region_mask", "DecoderInputs"]
 
 #: tokens after the benchmark's vocabulary: the image placeholder and the answer prompt, then
 #: one token per answer
@@ -95,6 +95,20 @@ def load_hf_config(folder: str) -> Dict[str, Any]:
     if config.model_type != "llava":
         raise ValueError(f"{folder}: model_type {config.model_type!r}, expected 'llava'")
     return config.to_dict()
+
+
+class DecoderInputs(NamedTuple):
+    """What :meth:`LlavaVQA.decoder_inputs` gives the decoder: ``embeds [T, S, D]`` (``S = R +
+    L + 1``), the additive ``mask [T, 1, S, S]`` (:func:`causal_region_mask`), the rotary
+    ``positions [T, S]``, ``rows = arange(T)``, the answer prompt's ``position [T]`` and the
+    ``region_tokens [T, R, D]`` at the start of ``embeds``."""
+
+    embeds: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    rows: torch.Tensor
+    position: torch.Tensor
+    region_tokens: torch.Tensor
 
 
 @dataclass
@@ -288,11 +302,12 @@ class LlavaVQA(nn.Module):
         written.append(os.path.join(folder, MERGED_DIR))
         return written
 
-    def forward(self, batch: PackedBatch, *, scores: bool = True,
-                track_regions: bool = False) -> LlavaOutput:
-        """``scores=False`` skips the answer head when ``classifier`` can run it on ``joint``
-        (the closed-form Grad-CAM does). ``track_regions``: ``out.region_tokens`` requires
-        grad even when nothing below it is trained (region Grad-CAM of a LoRA model)."""
+    def decoder_inputs(self, batch: PackedBatch, *, track_regions: bool = False
+                       ) -> DecoderInputs:
+        """The decoder's inputs for ``batch``: one sequence per question (its image's region
+        tokens through the projector, its question tokens, the answer prompt), the attention
+        mask and the rotary positions. ``track_regions``: ``region_tokens`` requires grad even
+        when nothing below it is trained (region Grad-CAM of a LoRA model)."""
         if not isinstance(batch, PackedBatch):
             raise TypeError(f"LlavaVQA takes a PackedBatch, got {type(batch).__name__}")
         feats = batch.image_features
@@ -300,7 +315,6 @@ class LlavaVQA(nn.Module):
             raise ValueError(f"image features have {feats.shape[-1]} dims, the model expects "
                              f"{self.config.feature_dim}")
         llava = self.llava
-        decoder = llava.model.language_model
         index, lengths = batch.image_index, batch.question_lengths
         rows = torch.arange(index.numel(), device=index.device)
         regions = llava.model.multi_modal_projector(feats.to(llava.lm_head.weight.dtype))
@@ -310,14 +324,23 @@ class LlavaVQA(nn.Module):
         region_tokens = regions[index]                                            # [T, R, D]
         if track_regions and not region_tokens.requires_grad:
             region_tokens.requires_grad_()
-        embeds = torch.cat([region_tokens, decoder.embed_tokens(text)], 1)        # [T, S, D]
-        position = feats.shape[1] + lengths                                       # [T]
+        embeds = torch.cat([region_tokens, llava.model.language_model.embed_tokens(text)], 1)
         region_mask = batch.image_mask[index]
         mask = causal_region_mask(region_mask, text.shape[1], embeds.dtype)
         # rotary positions count real tokens only: a question's sequence is the same whatever
         # the padding of the other images of its batch
         keys = torch.cat([region_mask, region_mask.new_ones(rows.numel(), text.shape[1])], 1)
         positions = (keys.long().cumsum(1) - 1).clamp_min(0)                      # [T, S]
+        return DecoderInputs(embeds, mask, positions, rows, feats.shape[1] + lengths,
+                             region_tokens)
+
+    def forward(self, batch: PackedBatch, *, scores: bool = True,
+                track_regions: bool = False) -> LlavaOutput:
+        """``scores=False`` skips the answer head when ``classifier`` can run it on ``joint``
+        (the closed-form Grad-CAM does). ``track_regions``: as :meth:`decoder_inputs`."""
+        embeds, mask, positions, rows, position, region_tokens = self.decoder_inputs(
+            batch, track_regions=track_regions)
+        decoder = self.llava.model.language_model
         captured = []
         last = self.classifier is not None
 
