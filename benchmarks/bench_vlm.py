@@ -36,6 +36,9 @@ Group ``vlm-step-<width>``:
   :func:`~sort_fast.ops.head_gradcam.head_gradcam` of ``model.classifier`` (the answer rows of
   the LM head only, no double backward) through
   :func:`~sort_fast.training.gradcam_gradient` ``(naive=False)``.
+* ``closed_form_per_question``: the same with ``model(batch, share_images=False)``: every
+  question's whole sequence through the decoder, its image's region tokens included (the
+  default runs them once per image and the questions attend to their cached keys and values).
 * ``autograd``: ``model(batch)`` (answer-token scores from the answer rows of the LM head), then
   ``torch.autograd.grad(scores[c].sum(), joint, create_graph=True)``
   (``gradcam_gradient(naive=True)``).
@@ -94,7 +97,7 @@ REGIONS = 36
 QUESTION_TOKENS = (16, 24)  # each question lengthened to a length in this range (inclusive)
 NUM_GROUPS = 3
 ROUNDS = 3
-STEP_VARIANTS = ("closed_form", "autograd", "authors_three_passes")
+STEP_VARIANTS = ("closed_form", "closed_form_per_question", "autograd", "authors_three_passes")
 HEAD_VARIANTS = ("head_closed_form", "head_autograd")
 
 
@@ -151,7 +154,7 @@ def authors_loss(model: LlavaVQA, batch: PackedBatch, objective: Objective) -> t
     """The plain-``transformers`` step: full-vocabulary logits at every position, answer logits
     gathered at the answer prompt, Grad-CAM by ``autograd.grad(create_graph=True)`` at the last
     layer's (pre-norm) output."""
-    embeds, mask, positions, rows, position, _ = model.decoder_inputs(batch)
+    embeds, mask, positions, rows, position = model.decoder_inputs(batch, share_images=False)[:5]
     captured = []
 
     def keep_output(module, args, output):
@@ -174,6 +177,10 @@ def step_loss(variant: str, model: LlavaVQA, batch: PackedBatch,
               objective: Objective) -> torch.Tensor:
     if variant == "closed_form":
         return objective(model, batch)[0]
+    if variant == "closed_form_per_question":
+        out = model(batch, scores=False, share_images=False)
+        scores, grad = gradcam_gradient(model, out, batch.classes, naive=False)
+        return _sort_total(objective, scores, grad, out.joint, batch)
     if variant == "autograd":
         out = model(batch)
         scores, grad = gradcam_gradient(model, out, batch.classes, naive=True)

@@ -146,9 +146,34 @@ def test_forward_shapes_and_scores_are_the_head_of_joint():
     out = model(batch)
     t, r = batch.num_questions, batch.image_features.shape[1]
     assert out.scores.shape == (t, ds.num_answers) and out.joint.shape == (t, 16)
-    assert out.region_tokens.shape == (t, r, 16) and out.attention is None
+    assert out.region_tokens.shape == (len(batch.image_ids), r, 16) and out.attention is None
+    assert model(batch, share_images=False).region_tokens.shape == (t, r, 16)
     torch.testing.assert_close(out.scores, model.classifier(out.joint))
     assert model(batch, scores=False).scores is None
+
+
+def test_shared_images_give_the_per_question_values_and_gradients():
+    """The image prefix run once per image (the default) against every question's whole
+    sequence: scores, joint and the closed-form SOrT loss's gradients, float64, both Grad-CAM
+    layers."""
+    ds = _dataset(2, 4)
+    for layer in (-1, 0):
+        model = _float64(_model(ds, gradcam_layer=layer))
+        batch, _ = _ragged(ds, 2)
+        results = []
+        for share in (True, False):
+            model.zero_grad()
+            out = model(batch, share_images=share)
+            scores, grad = gradcam_gradient(model, out, batch.classes, naive=False)
+            (scores.sum() + (grad * out.joint).pow(2).sum()).backward()
+            results.append((scores.detach(), out.joint.detach(),
+                            [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+        (s1, j1, g1), (s2, j2, g2) = results
+        _close(s1, s2, 1e-10)
+        _close(j1, j2, 1e-10)
+        assert len(g1) == len(g2) > 0
+        for a, b in zip(g1, g2):
+            _close(a, b, 1e-9)
 
 
 def test_region_gradcam_is_zero_on_masked_regions():
@@ -161,7 +186,7 @@ def test_region_gradcam_is_zero_on_masked_regions():
     assert cam.shape == mask.shape and not cam.requires_grad
     assert bool((cam[~mask] == 0).all()) and bool((cam[mask] != 0).all())
     # d y_c / d token_r . token_r, by autograd on the region tokens
-    out = model(batch, track_regions=True)
+    out = model(batch, share_images=False, track_regions=True)
     y = out.scores.gather(1, batch.classes[:, None]).sum()
     (grad,) = torch.autograd.grad(y, out.region_tokens)
     _close(cam, (grad * out.region_tokens).sum(-1).detach() * mask, 1e-12)
@@ -246,7 +271,8 @@ def test_question_padding_width_and_tokens_after_the_answer_change_nothing():
 def _perturbed_scores(model: LlavaVQA, batch: PackedBatch, delta: torch.Tensor
                       ) -> torch.Tensor:
     """The class scores ``[T]`` with ``delta [T, D]`` added to layer 0's output at each
-    question's answer position (a hook of this test's own, not the model's splice)."""
+    question's answer position (a hook of this test's own, not the model's splice), every
+    question's whole sequence run on its own (the model's default shares the images)."""
     rows = torch.arange(batch.num_questions)
     position = batch.image_features.shape[1] + batch.question_lengths
 
@@ -259,7 +285,7 @@ def _perturbed_scores(model: LlavaVQA, batch: PackedBatch, delta: torch.Tensor
     handle = layer.register_forward_hook(add)
     try:
         with torch.no_grad():
-            return model(batch).scores.gather(1, batch.classes[:, None])[:, 0]
+            return model(batch, share_images=False).scores.gather(1, batch.classes[:, None])[:, 0]
     finally:
         handle.remove()
 

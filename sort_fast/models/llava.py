@@ -98,10 +98,15 @@ def load_hf_config(folder: str) -> Dict[str, Any]:
 
 
 class DecoderInputs(NamedTuple):
-    """What :meth:`LlavaVQA.decoder_inputs` gives the decoder: ``embeds [T, S, D]`` (``S = R +
-    L + 1``), the additive ``mask [T, 1, S, S]`` (:func:`causal_region_mask`), the rotary
-    ``positions [T, S]``, ``rows = arange(T)``, the answer prompt's ``position [T]`` and the
-    ``region_tokens [T, R, D]`` at the start of ``embeds``."""
+    """What :meth:`LlavaVQA.decoder_inputs` gives the decoder. Without image sharing: one
+    sequence per question, ``embeds [T, S, D]`` (``S = R + L + 1``), the additive ``mask
+    [T, 1, S, S]`` (:func:`causal_region_mask`), the rotary ``positions [T, S]``, ``rows =
+    arange(T)``, the answer prompt's ``position [T]`` in ``embeds``, ``region_tokens
+    [T, R, D]`` (the start of ``embeds``) and ``prefix`` ``None``. With image sharing the
+    region tokens run once per image first: ``prefix`` is ``(region_tokens [I, R, D], mask
+    [I, 1, R, R], positions [I, R])``, ``region_tokens`` is that ``[I, R, D]`` tensor, and
+    ``embeds [T, L + 1, D]`` are the question tokens alone, their ``mask [T, 1, L + 1,
+    R + L + 1]`` over their image's regions and themselves."""
 
     embeds: torch.Tensor
     mask: torch.Tensor
@@ -109,14 +114,16 @@ class DecoderInputs(NamedTuple):
     rows: torch.Tensor
     position: torch.Tensor
     region_tokens: torch.Tensor
+    prefix: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
 
 @dataclass
 class LlavaOutput:
     """``scores [T, A]`` answer logits (``None`` when not asked for), ``joint [T, D]`` the
     decoder's hidden state at the answer prompt after layer ``gradcam_layer``,
-    ``region_tokens [T, R, D]`` each question's image regions as decoder inputs (through the
-    projector); ``attention`` is ``None`` (no region attention for SQuINT)."""
+    ``region_tokens`` the image regions as decoder inputs (through the projector),
+    ``[I, R, D]`` once per image when the forward shared them, else ``[T, R, D]`` per question;
+    ``attention`` is ``None`` (no region attention for SQuINT)."""
 
     scores: Optional[torch.Tensor]
     joint: torch.Tensor
@@ -184,6 +191,19 @@ def closed_form_norm(norm: nn.Module) -> nn.Module:
     return out
 
 
+def _image_cache(decoder: nn.Module, regions: torch.Tensor, mask: torch.Tensor,
+                 positions: torch.Tensor, image_index: torch.Tensor) -> Any:
+    """Every layer's keys and values of the images' region tokens ``[I, R, D]``, one copy per
+    question (``image_index [T]``), as a ``transformers`` cache the questions' pass extends."""
+    from transformers import DynamicCache
+
+    prefix = decoder(inputs_embeds=regions, attention_mask=mask, position_ids=positions,
+                     cache=DynamicCache(), use_cache=True).cache
+    return DynamicCache(ddp_cache_data=[(layer.keys.index_select(0, image_index),
+                                         layer.values.index_select(0, image_index))
+                                        for layer in prefix.layers])
+
+
 def _replace_dir(target: str, write: Callable[[str], Any]) -> None:
     """``write(folder)`` into a fresh folder beside ``target``, then renamed to ``target``
     (an old ``target`` is moved aside first and removed after)."""
@@ -203,17 +223,20 @@ def _replace_dir(target: str, write: Callable[[str], Any]) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def causal_region_mask(region_mask: torch.Tensor, text_length: int, dtype: torch.dtype
-                       ) -> torch.Tensor:
-    """The decoder's additive attention mask ``[T, 1, S, S]`` (``S = R + text_length``):
-    causal, and no query attends to a padded region (``region_mask [T, R]`` bool, True on real
-    regions); 0 where attended, the dtype's lowest value elsewhere. Built on the device, with
-    no read back."""
+def causal_region_mask(region_mask: torch.Tensor, text_length: int, dtype: torch.dtype,
+                       *, region_queries: bool = True) -> torch.Tensor:
+    """The decoder's additive attention mask over ``R`` region tokens then ``text_length``
+    text tokens: causal, and no query attends to a padded region (``region_mask [T, R]`` bool,
+    True on real regions); 0 where attended, the dtype's lowest value elsewhere.
+    ``[T, 1, S, S]`` (``S = R + text_length``), or with ``region_queries=False`` the text
+    queries' rows alone, ``[T, 1, text_length, S]`` (the regions are then a shared prefix).
+    Built on the device, with no read back."""
     rows, regions = region_mask.shape
     length = regions + text_length
     keys = torch.cat([region_mask, region_mask.new_ones(rows, text_length)], 1)      # [T, S]
     pos = torch.arange(length, device=region_mask.device)
-    allowed = (pos[None, :] <= pos[:, None])[None] & keys[:, None, :]              # [T, S, S]
+    queries = pos if region_queries else pos[regions:]
+    allowed = (pos[None, :] <= queries[:, None])[None] & keys[:, None, :]          # [T, Q, S]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=region_mask.device)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
@@ -302,12 +325,15 @@ class LlavaVQA(nn.Module):
         written.append(os.path.join(folder, MERGED_DIR))
         return written
 
-    def decoder_inputs(self, batch: PackedBatch, *, track_regions: bool = False
-                       ) -> DecoderInputs:
-        """The decoder's inputs for ``batch``: one sequence per question (its image's region
-        tokens through the projector, its question tokens, the answer prompt), the attention
-        mask and the rotary positions. ``track_regions``: ``region_tokens`` requires grad even
-        when nothing below it is trained (region Grad-CAM of a LoRA model)."""
+    def decoder_inputs(self, batch: PackedBatch, *, share_images: bool = False,
+                       track_regions: bool = False) -> DecoderInputs:
+        """The decoder's inputs for ``batch`` (:class:`DecoderInputs`): per question its
+        image's region tokens through the projector, its question tokens and the answer
+        prompt, with the attention mask and the rotary positions, which count real tokens
+        only (a question's sequence is the same whatever the padding of the other images of
+        its batch). ``share_images``: the region tokens as a prefix run once per image.
+        ``track_regions``: ``region_tokens`` requires grad even when nothing below it is
+        trained (region Grad-CAM of a LoRA model)."""
         if not isinstance(batch, PackedBatch):
             raise TypeError(f"LlavaVQA takes a PackedBatch, got {type(batch).__name__}")
         feats = batch.image_features
@@ -321,25 +347,39 @@ class LlavaVQA(nn.Module):
         text = torch.cat([batch.question_tokens, batch.question_tokens.new_zeros(rows.numel(), 1)],
                          1)
         text = text.index_put((rows, lengths), text.new_tensor(self.config.vocab_size + 1))
-        region_tokens = regions[index]                                            # [T, R, D]
+        text_embeds = llava.model.language_model.embed_tokens(text)                # [T, L+1, D]
+        region_tokens = regions if share_images else regions[index]
         if track_regions and not region_tokens.requires_grad:
             region_tokens.requires_grad_()
-        embeds = torch.cat([region_tokens, llava.model.language_model.embed_tokens(text)], 1)
         region_mask = batch.image_mask[index]
-        mask = causal_region_mask(region_mask, text.shape[1], embeds.dtype)
-        # rotary positions count real tokens only: a question's sequence is the same whatever
-        # the padding of the other images of its batch
+        steps = torch.arange(text.shape[1], device=text.device)
+        if share_images:
+            image_mask = batch.image_mask
+            prefix = (region_tokens, causal_region_mask(image_mask, 0, regions.dtype),
+                      (image_mask.long().cumsum(1) - 1).clamp_min(0))
+            mask = causal_region_mask(region_mask, text.shape[1], regions.dtype,
+                                      region_queries=False)
+            positions = region_mask.long().sum(1, keepdim=True) + steps                # [T, L+1]
+            return DecoderInputs(text_embeds, mask, positions, rows, lengths, region_tokens,
+                                 prefix)
+        embeds = torch.cat([region_tokens, text_embeds], 1)                            # [T, S, D]
         keys = torch.cat([region_mask, region_mask.new_ones(rows.numel(), text.shape[1])], 1)
-        positions = (keys.long().cumsum(1) - 1).clamp_min(0)                      # [T, S]
+        positions = (keys.long().cumsum(1) - 1).clamp_min(0)                          # [T, S]
+        mask = causal_region_mask(region_mask, text.shape[1], embeds.dtype)
         return DecoderInputs(embeds, mask, positions, rows, feats.shape[1] + lengths,
                              region_tokens)
 
-    def forward(self, batch: PackedBatch, *, scores: bool = True,
+    def forward(self, batch: PackedBatch, *, scores: bool = True, share_images: bool = True,
                 track_regions: bool = False) -> LlavaOutput:
         """``scores=False`` skips the answer head when ``classifier`` can run it on ``joint``
-        (the closed-form Grad-CAM does). ``track_regions``: as :meth:`decoder_inputs`."""
-        embeds, mask, positions, rows, position, region_tokens = self.decoder_inputs(
-            batch, track_regions=track_regions)
+        (the closed-form Grad-CAM does). ``share_images`` (the default): the region tokens of
+        each image run through the decoder once, and its questions attend to their keys and
+        values (causal attention: the region tokens' states do not depend on the question);
+        ``False`` runs every question's whole sequence (the same values up to rounding;
+        region Grad-CAM needs it). ``track_regions``: as :meth:`decoder_inputs`."""
+        inputs = self.decoder_inputs(batch, share_images=share_images,
+                                     track_regions=track_regions)
+        rows, position = inputs.rows, inputs.position
         decoder = self.llava.model.language_model
         captured = []
         last = self.classifier is not None
@@ -353,20 +393,24 @@ class LlavaVQA(nn.Module):
             # the layers above read joint itself: d scores / d joint is the full derivative
             return output.index_put((rows, position), joint)
 
-        handle = decoder.layers[self.layer].register_forward_hook(take_joint)
         # above joint, Grad-CAM differentiates the attention twice: only the math kernel can
         with contextlib.ExitStack() as stack:
-            stack.callback(handle.remove)
             if not last:
                 stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-            hidden = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                             use_cache=False).last_hidden_state
+            cache = None
+            if inputs.prefix is not None:
+                cache = _image_cache(decoder, *inputs.prefix, batch.image_index)
+            handle = decoder.layers[self.layer].register_forward_hook(take_joint)
+            stack.callback(handle.remove)
+            hidden = decoder(inputs_embeds=inputs.embeds, attention_mask=inputs.mask,
+                             position_ids=inputs.positions, cache=cache,
+                             use_cache=cache is not None).last_hidden_state
         joint = captured[0]
         if last:
             out_scores = self.answer_head(joint) if scores else None
         else:
             out_scores = self.answer_head.answer_logits(hidden[rows, position])
-        return LlavaOutput(scores=out_scores, joint=joint, region_tokens=region_tokens)
+        return LlavaOutput(scores=out_scores, joint=joint, region_tokens=inputs.region_tokens)
 
     def region_gradcam(self, batch: PackedBatch, classes: Optional[torch.Tensor] = None,
                        *, create_graph: bool = False) -> torch.Tensor:
@@ -375,7 +419,7 @@ class LlavaVQA(nn.Module):
         regions. ``classes [T]`` defaults to ``batch.classes``."""
         classes = batch.classes if classes is None else classes
         with torch.enable_grad():
-            out = self(batch, track_regions=True)
+            out = self(batch, share_images=False, track_regions=True)
             y = out.scores.gather(1, classes[:, None]).sum()
             (grad,) = torch.autograd.grad(y, out.region_tokens, create_graph=create_graph)
         cam = (grad * out.region_tokens).sum(-1) * batch.image_mask[batch.image_index]
