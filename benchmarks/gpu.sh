@@ -3,15 +3,18 @@
 #   bash benchmarks/gpu.sh [OUTDIR]             # on the GPU machine (default benchmarks/gpu-out)
 #   bash benchmarks/gpu.sh --dry-run OUTDIR     # the same parts on the CPU at tiny sizes
 # The build is checked first (pip install -e ., at most 60 s; a failure is one line, exit 1).
-# Then the parts, most important first, each under its own time limit (seconds; 270 in all,
-# and every part ends by 285 s after the start) and each writing its result file as it goes, so
-# a part that fails or runs out of time leaves the others' results and the later parts run:
+# Then the parts, most important first, each under its own time limit (seconds; 290 in all,
+# and every part ends by 285 s after the start: the last gets what is left) and each writing its
+# result file as it goes, so a part that fails or runs out of time leaves the others' results
+# and the later parts run:
 #   loss   40  loss kernels against the HBM floor at pythia and pythia_x8        -> loss.jsonl
 #   step   50  SOrT step, fused vs plain autograd on the shared-input model, eager -> step.jsonl
 #   graph  60  the CUDA-graph step at the default size (compiled in its warm-up)  -> step.jsonl
 #   head   45  head Grad-CAM fp32 and bf16 (the Triton kernel), checked in fp64   -> head.jsonl
 #   tests  50  the CUDA tests of the kernels and custom ops, without -x           -> tests.txt
 #   train  25  30 training steps on CUDA                                          -> train.txt
+#   vlm    20  the decoder VLM's SOrT step at width 2048 (closed form, autograd,
+#              per-question sequences, plain transformers' three passes)           -> step.jsonl
 # OUTDIR then holds 8 files: those, log.txt (environment, every part's output and status
 # line), summary.md (the key figures, printed last) and gpu-results.tar.gz with all of them.
 # --dry-run: the CPU, Triton in its interpreter, tiny sizes, one round per benchmark, a few
@@ -116,6 +119,7 @@ part() {
 
 KERNELS=(python3 benchmarks/bench_kernels.py)
 STEP=(python3 -m pytest benchmarks/bench_step.py --benchmark-only -q -p no:cacheprovider)
+VLM=(python3 -m pytest benchmarks/bench_vlm.py --benchmark-only -q -p no:cacheprovider -k step)
 TESTS=(tests/test_contrastive_loss.py tests/test_sort_loss.py tests/test_head_gradcam.py
        tests/test_custom_ops.py)
 if [ "$DRY" = 1 ]; then
@@ -141,6 +145,7 @@ part head 45 "$LOG" "${KERNELS[@]}" --part head --out "$OUT/head.jsonl"
 part tests 50 "$OUT/tests.txt" python3 -m pytest -v -p no:cacheprovider "${TESTS[@]}"
 part train 25 "$OUT/train.txt" python3 -m sort_fast.train "${TRAIN[@]}" --eval-every 0 \
     --save-every 0 --no-plots --overwrite --out "$SCRATCH/train"
+SORT_BENCH_JSONL=$OUT/step.jsonl part vlm 20 "$LOG" "${VLM[@]}"
 
 echo "gpu.sh: parts done after $SECONDS s" | tee -a "$LOG"
 python3 benchmarks/gpu_summary.py "$OUT" > "$OUT/summary.md" 2>> "$LOG" \

@@ -81,6 +81,9 @@ def loss_section(records: List[dict]) -> List[str]:
     return lines + errors(records)
 
 
+VLM_VARIANTS = ("closed_form", "autograd", "closed_form_per_question", "authors_three_passes")
+
+
 def _median(records: List[dict], name: str) -> Optional[float]:
     return next((r["stats"]["median"] for r in records if r.get("name") == name
                  and "stats" in r), None)
@@ -102,6 +105,13 @@ def step_section(records: List[dict], graph_status: Optional[str]) -> List[str]:
                          "shared-input model")
         if fused and graph:
             lines.append(f"- {size}: CUDA-graph step {fused / graph:.2f}x the eager fused step")
+    for width in sorted({r["name"].split("-")[-1].rstrip("]") for r in timed
+                         if r["name"].startswith("test_vlm_step[")}):
+        step = {v: _median(timed, f"test_vlm_step[{v}-{width}]") for v in VLM_VARIANTS}
+        if step["closed_form"]:
+            lines.append(f"- decoder VLM {width}: closed-form step " + ", ".join(
+                f"{step[v] / step['closed_form']:.2f}x {v}" for v in VLM_VARIANTS[1:]
+                if step[v]))
     if not any("cuda_graph" in r.get("name", "") for r in records):
         if graph_status and graph_status.startswith(("exit 4 ", "exit 5 ")):
             lines.append("- CUDA-graph step: not measured, bench_step.py has no `cuda_graph` "

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu.sh"
 RESULTS = ["log.txt", "loss.jsonl", "step.jsonl", "head.jsonl", "tests.txt", "train.txt",
            "summary.md"]
-PARTS = ["build", "loss", "step", "graph", "head", "tests", "train"]
+PARTS = ["build", "loss", "step", "graph", "head", "tests", "train", "vlm"]
 
 
 def run_script(*args: str, env: Dict[str, str], timeout: int) -> subprocess.CompletedProcess:
@@ -75,6 +75,9 @@ def test_dry_run_records_every_part(dry_run):
     step = {r["name"]: r for r in jsonl(out / "step.jsonl")}
     for name in ("test_step_fused[small]", "test_step_vectorized_shared[small]"):
         assert step[name]["stats"]["median"] > 0 and step[name]["stats"]["rounds"] == 1
+    for variant in ("closed_form", "closed_form_per_question", "autograd",
+                    "authors_three_passes"):
+        assert step[f"test_vlm_step[{variant}-2048]"]["stats"]["median"] > 0
     assert not [r for r in step.values() if "error" in r]
 
     head = {(r["dtype"], r["path"]): r for r in jsonl(out / "head.jsonl")}
@@ -100,6 +103,7 @@ def test_dry_run_prints_the_summary_last(dry_run):
         assert f"## {title}" in summary
     assert re.search(r"\| pythia_x8 \| bf16 \| \d+ \| [0-9.]+ \| [0-9.]+ \|", summary)
     assert re.search(r"small: fused step [0-9.]+x plain autograd", summary)
+    assert re.search(r"decoder VLM 2048: closed-form step [0-9.]+x autograd", summary)
     assert re.search(r"\| bf16 \| closed_triton \| True \|", summary)
     # the CUDA-graph step's code path (Dynamo's eager backend on the CPU), timed at smoke size
     assert re.search(r"small: CUDA-graph step [0-9.]+x the eager fused step", summary)
