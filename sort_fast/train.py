@@ -342,6 +342,9 @@ def _start(config: TrainConfig, ctx: DistContext, out: Path) -> _Run:
                        f"{ctx.world_size} processes")
     optim = config.optim
     total = optim.max_steps or optim.epochs * order.steps_per_epoch
+    if config.objective.loss == "squint" and config.model.model == "llava":
+        raise CLIError("--loss squint aligns region attention, which --model llava does not "
+                       "have (its regions are tokens)")
     model = _build_model(config, data, resume, out).to(ctx.device)
     capturable = config.run.cuda_graphs and CAPTURE_GRAPHS
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters

@@ -660,6 +660,12 @@ def test_llava_flags_with_pythia_end_with_one_line(flags, message, tmp_path, cap
     assert message in err and "\n" not in err and "Traceback" not in err
 
 
+def test_squint_with_llava_ends_with_one_line(tmp_path, capsys):
+    assert _train(tmp_path / "out", "--loss", "squint") == 2
+    err = capsys.readouterr().err.strip()
+    assert "--loss squint" in err and "\n" not in err and "Traceback" not in err
+
+
 def test_hf_model_without_config_ends_with_one_line(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
