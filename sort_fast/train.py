@@ -173,6 +173,16 @@ def _check_cuda_graphs(config: TrainConfig, ctx: DistContext) -> None:
         raise CLIError(f"--cuda-graphs needs a CUDA device (this run's is {ctx.device})")
 
 
+def _check_llava_run(config: TrainConfig) -> None:
+    """What ``--model llava`` cannot run with, refused before anything is trained."""
+    if config.objective.loss == "squint":
+        raise CLIError("--loss squint aligns region attention, which --model llava does not "
+                       "have (its regions are tokens)")
+    if config.run.compile or config.run.cuda_graphs:
+        raise CLIError("--compile and --cuda-graphs do not run --model llava yet (torch.compile "
+                       "fails inside AOTAutograd on the transformers decoder; docs/vlm.md)")
+
+
 @contextlib.contextmanager
 def _catch_signals() -> Iterator[List[int]]:
     """While in the block, SIGINT and SIGTERM are appended to the yielded list (the training
@@ -342,9 +352,8 @@ def _start(config: TrainConfig, ctx: DistContext, out: Path) -> _Run:
                        f"{ctx.world_size} processes")
     optim = config.optim
     total = optim.max_steps or optim.epochs * order.steps_per_epoch
-    if config.objective.loss == "squint" and config.model.model == "llava":
-        raise CLIError("--loss squint aligns region attention, which --model llava does not "
-                       "have (its regions are tokens)")
+    if config.model.model == "llava":
+        _check_llava_run(config)
     model = _build_model(config, data, resume, out).to(ctx.device)
     capturable = config.run.cuda_graphs and CAPTURE_GRAPHS
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters

@@ -660,10 +660,11 @@ def test_llava_flags_with_pythia_end_with_one_line(flags, message, tmp_path, cap
     assert message in err and "\n" not in err and "Traceback" not in err
 
 
-def test_squint_with_llava_ends_with_one_line(tmp_path, capsys):
-    assert _train(tmp_path / "out", "--loss", "squint") == 2
+@pytest.mark.parametrize("flag", [["--loss", "squint"], ["--compile"]])
+def test_what_llava_cannot_run_ends_with_one_line(flag, tmp_path, capsys):
+    assert _train(tmp_path / "out", *flag) == 2
     err = capsys.readouterr().err.strip()
-    assert "--loss squint" in err and "\n" not in err and "Traceback" not in err
+    assert flag[-1] in err and "\n" not in err and "Traceback" not in err
 
 
 def test_hf_model_without_config_ends_with_one_line(tmp_path, capsys):
