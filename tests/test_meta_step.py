@@ -5,31 +5,39 @@ import pytest
 import torch
 
 from sort_fast.data import SyntheticIntrospect, collate_groups
-from sort_fast.models import PythiaConfig, PythiaVQA
+from sort_fast.models import LlavaVQAConfig, PythiaConfig, PythiaVQA
 from sort_fast.train import _warmup
 from sort_fast.training import Objective
 from sort_fast.training.op_census import OpCensus
 from sort_fast.training.static_step import make_optimizer, train_step
 
 
-def _setup(loss: str, device: str):
+def _setup(loss: str, device: str, model_kind: str = "pythia"):
     ds = SyntheticIntrospect(seed=0, split="val", num_groups=8)
     batch = collate_groups(list(ds)).pin_memory() if torch.cuda.is_available() else \
         collate_groups(list(ds))
     torch.manual_seed(0)
-    model = PythiaVQA(PythiaConfig(len(ds.vocab), ds.num_answers, feature_dim=ds.feature_dim,
-                                   embed_dim=8, text_hidden=8, attention_hidden=8,
-                                   joint_dim=16, classifier_text_hidden=8,
-                                   classifier_image_hidden=8)).to(device).train()
+    if model_kind == "llava":
+        model = LlavaVQAConfig(len(ds.vocab), ds.num_answers, ds.feature_dim, hidden_size=16,
+                               intermediate_size=32, num_layers=2, num_heads=2,
+                               num_kv_heads=1).build().to(device).train()
+    else:
+        model = PythiaVQA(PythiaConfig(len(ds.vocab), ds.num_answers,
+                                       feature_dim=ds.feature_dim, embed_dim=8, text_hidden=8,
+                                       attention_hidden=8, joint_dim=16,
+                                       classifier_text_hidden=8,
+                                       classifier_image_hidden=8)).to(device).train()
     objective = Objective(loss, lambda_reasoning=2.27, lambda_sub=2.27,
                           lambda_irrelevant=3e-4, margin=0.1, lambda_attention=0.5,
                           naive=False)
     return model, batch, objective
 
 
-def _step_census(loss: str, device: str, capturable: bool) -> OpCensus:
-    model, batch, objective = _setup(loss, device)
-    optimizer = make_optimizer(model.parameters(), 1e-3, capturable=capturable)
+def _step_census(loss: str, device: str, capturable: bool, model_kind: str = "pythia"
+                 ) -> OpCensus:
+    model, batch, objective = _setup(loss, device, model_kind)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], 1e-3,
+                               capturable=capturable)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup(4))
     moved = batch.to(device, non_blocking=True)
     with OpCensus() as census:
@@ -50,6 +58,14 @@ def test_training_step_on_meta_moves_nothing_between_host_and_device(loss):
     Adamax as the trainer builds it: its step counter stays on the host, which is no
     device read)."""
     census = _step_census(loss, "meta", capturable=False)
+    assert census.transfers == []
+
+
+@pytest.mark.parametrize("loss", ["sort", "bce"])
+def test_decoder_vlm_step_on_meta_moves_nothing_between_host_and_device(loss):
+    """The same for the LLaVA-style decoder (shared image prefix, closed-form Grad-CAM through
+    the final norm and the answer rows of the LM head)."""
+    census = _step_census(loss, "meta", capturable=False, model_kind="llava")
     assert census.transfers == []
 
 
