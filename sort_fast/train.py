@@ -137,6 +137,10 @@ def _build_model(config: TrainConfig, data: Datasets, resume: Optional[Dict[str,
     state = load_checkpoint(init, MODEL_KEYS)
     if state["vocab"] != data.vocab.tokens or state["answer_vocab"] != data.answer_vocab.tokens:
         raise CLIError(f"--init {init}: its vocabulary differs from this data's")
+    kind = state.get("model_kind", "pythia")
+    if kind != config.model.model:
+        raise CLIError(f"--init {init}: a --model {kind} checkpoint, but this run trains "
+                       f"--model {config.model.model}")
     return model_from_checkpoint(state, init)
 
 

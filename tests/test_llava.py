@@ -660,6 +660,12 @@ def test_llava_flags_with_pythia_end_with_one_line(flags, message, tmp_path, cap
     assert message in err and "\n" not in err and "Traceback" not in err
 
 
+def test_init_from_another_model_kind_ends_with_one_line(base, tmp_path, capsys):
+    code = main(["--out", str(tmp_path / "out"), *PYTHIA, "--init", str(base / "checkpoint.pt")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--model llava checkpoint" in err and "\n" not in err
+
+
 @pytest.mark.parametrize("flag", [["--loss", "squint"], ["--compile"]])
 def test_what_llava_cannot_run_ends_with_one_line(flag, tmp_path, capsys):
     assert _train(tmp_path / "out", *flag) == 2
