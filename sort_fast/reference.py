@@ -5,15 +5,18 @@ float64 by default (docs/math.md, paper Eq. 2).
 Nothing here is fast and nothing is shared with the fused ops
 (:mod:`sort_fast.ops.contrastive_loss`): the tests compare the ops' values and gradients with
 these functions, and the loss benchmark times :func:`reference_loss` as its Python-loop path.
-Inputs use the packed layout of docs/ops.md.
+Inputs use the packed layout of docs/ops.md. :func:`reference_head_gradcam` is the autograd
+Grad-CAM of a classifier head that the closed forms of
+:func:`~sort_fast.ops.head_gradcam.head_gradcam` are tested against.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
-__all__ = ["cosine", "reference_loss", "reference_similarity"]
+__all__ = ["cosine", "reference_loss", "reference_similarity", "reference_head_gradcam",
+           "gradients_or_zeros"]
 
 EPS = 1e-8
 
@@ -92,3 +95,18 @@ def reference_similarity(
         a, b = int(offsets[g]), int(offsets[g + 1])
         out += [torch.ones(1, dtype=G.dtype, device=G.device), cosine(G[a + 1:b], G[a], eps)]
     return torch.cat(out)
+
+
+def reference_head_gradcam(head: torch.nn.Module, h: torch.Tensor, classes: torch.Tensor,
+                           times_input: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(head(h) [T, A], d head(h)[t, classes[t]] / d h[t] [T, D])`` (times ``h`` with
+    ``times_input``) by ``torch.autograd.grad(..., create_graph=True)``; ``h`` requires grad."""
+    scores = head(h)
+    (g,) = torch.autograd.grad(scores.gather(1, classes[:, None]).sum(), h, create_graph=True)
+    return scores, g * h if times_input else g
+
+
+def gradients_or_zeros(loss: torch.Tensor, tensors: List[torch.Tensor]) -> List[torch.Tensor]:
+    """``d loss / d tensor`` for each of ``tensors``, zeros for one ``loss`` does not use."""
+    out = torch.autograd.grad(loss, tensors, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(out, tensors)]

@@ -12,6 +12,7 @@ from sort_fast.ops import head_gradcam as hg
 from sort_fast.ops.gather_mm import kernel_supported, masked_gather_mm
 from sort_fast.ops.head_gradcam import head_gradcam
 from sort_fast.ops.head_structure import closed_form_terms
+from sort_fast.reference import gradients_or_zeros, reference_head_gradcam
 
 SHAPES = [(1, 3, 4, 2), (7, 5, 6, 9), (23, 8, 16, 11)]  # (T, D, H, A)
 
@@ -75,15 +76,8 @@ def _loss(G, weights):
 
 
 def _reference(head, h, classes, seed, times_input):
-    torch.manual_seed(seed)
-    scores = head(h)
-    (g,) = torch.autograd.grad(scores.gather(1, classes[:, None]).sum(), h, create_graph=True)
-    return scores, g * h if times_input else g
-
-
-def _grads(loss, tensors):
-    out = torch.autograd.grad(loss, tensors, allow_unused=True)
-    return [torch.zeros_like(t) if g is None else g for g, t in zip(out, tensors)]
+    torch.manual_seed(seed)  # the dropout masks of the closed form's forward
+    return reference_head_gradcam(head, h, classes, times_input)
 
 
 def _compare(head, shape, times_input, backend="torch", dtype=torch.float64, atol=1e-12,
@@ -104,7 +98,7 @@ def _compare(head, shape, times_input, backend="torch", dtype=torch.float64, ato
 
     loss = _loss(grad, weights) + (scores * 0.1).sum()
     ref_loss = _loss(ref_grad, weights) + (ref_scores * 0.1).sum()
-    for got, want in zip(_grads(loss, tensors), _grads(ref_loss, tensors)):
+    for got, want in zip(gradients_or_zeros(loss, tensors), gradients_or_zeros(ref_loss, tensors)):
         torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
 
 
@@ -267,7 +261,7 @@ def test_triton_half(dtype, tol):
     for mod, x, backend in ((head, h, "triton"), (head32, h32, "torch")):
         torch.manual_seed(7)
         scores, G = head_gradcam(mod, x, classes, backend=backend, times_input=True)
-        grads = _grads(_loss(G.float(), weights), [x, *mod.parameters()])
+        grads = gradients_or_zeros(_loss(G.float(), weights), [x, *mod.parameters()])
         results.append([G, *grads])
     for got, want in zip(*results):
         assert got.dtype == dtype

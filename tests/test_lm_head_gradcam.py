@@ -12,6 +12,7 @@ from sort_fast.heads import AnswerTokenHead
 from sort_fast.ops import head_gradcam as hg
 from sort_fast.ops.head_gradcam import head_gradcam
 from sort_fast.ops.head_structure import closed_form_terms
+from sort_fast.reference import gradients_or_zeros, reference_head_gradcam
 
 NORMS = {
     "rms": lambda d: nn.RMSNorm(d),  # eps None: F.rms_norm takes the dtype's machine epsilon
@@ -56,15 +57,6 @@ def _head(kind, norm, d, v, a, bias):
     return AnswerTokenHead(norm, lm_head, tokens), a + 1
 
 
-def _reference(head, h, classes, times_input=False):
-    scores = head(h)
-    (g,) = torch.autograd.grad(scores.gather(1, classes[:, None]).sum(), h, create_graph=True)
-    return scores, g * h if times_input else g
-
-
-def _grads(loss, tensors):
-    out = torch.autograd.grad(loss, tensors, allow_unused=True)
-    return [torch.zeros_like(t) if g is None else g for g, t in zip(out, tensors)]
 
 
 def _compare(head, a, t, d, times_input=False, dtype=torch.float64, tol=TOL, backend="torch"):
@@ -81,12 +73,12 @@ def _compare(head, a, t, d, times_input=False, dtype=torch.float64, tol=TOL, bac
         return (scores * r1).sum() + (grad * r2).sum() + (grad * h).pow(2).sum()
 
     scores, grad = head_gradcam(head, h, classes, backend=backend, times_input=times_input)
-    ref_scores, ref_grad = _reference(head, h, classes, times_input)
+    ref_scores, ref_grad = reference_head_gradcam(head, h, classes, times_input)
     assert scores.dtype == ref_scores.dtype and grad.dtype == ref_grad.dtype
     torch.testing.assert_close(scores, ref_scores, **tol)
     torch.testing.assert_close(grad, ref_grad, **tol)
-    for got, want in zip(_grads(loss(scores, grad), tensors),
-                         _grads(loss(ref_scores, ref_grad), tensors)):
+    for got, want in zip(gradients_or_zeros(loss(scores, grad), tensors),
+                         gradients_or_zeros(loss(ref_scores, ref_grad), tensors)):
         torch.testing.assert_close(got, want, **tol)
 
 
@@ -150,7 +142,7 @@ def test_bf16_autocast(norm, h_in_autocast):
             if closed_form:
                 scores, grad = head_gradcam(head, h, classes)
             else:
-                scores, grad = _reference(head, h, classes)
+                scores, grad = reference_head_gradcam(head, h, classes)
             assert scores.dtype == torch.bfloat16 and grad.dtype == h.dtype
             loss = ((grad.float() * r2).sum() + (grad.float() * h.float()).pow(2).sum()
                     + scores.float().square().mean())
