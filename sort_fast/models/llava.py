@@ -223,6 +223,18 @@ def _replace_dir(target: str, write: Callable[[str], Any]) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _token_mask(region_mask: torch.Tensor, text_length: int) -> torch.Tensor:
+    """``[T, R + text_length]`` bool: True on the real tokens of each sequence (its real
+    regions, then every text token)."""
+    return torch.cat([region_mask, region_mask.new_ones(region_mask.shape[0], text_length)], 1)
+
+
+def _real_positions(token_mask: torch.Tensor) -> torch.Tensor:
+    """The rotary position of every token ``[T, S]``: the number of real tokens before it
+    (padded regions take their predecessor's, and are never attended to)."""
+    return (token_mask.long().cumsum(1) - 1).clamp_min(0)
+
+
 def causal_region_mask(region_mask: torch.Tensor, text_length: int, dtype: torch.dtype,
                        *, region_queries: bool = True) -> torch.Tensor:
     """The decoder's additive attention mask over ``R`` region tokens then ``text_length``
@@ -231,10 +243,9 @@ def causal_region_mask(region_mask: torch.Tensor, text_length: int, dtype: torch
     ``[T, 1, S, S]`` (``S = R + text_length``), or with ``region_queries=False`` the text
     queries' rows alone, ``[T, 1, text_length, S]`` (the regions are then a shared prefix).
     Built on the device, with no read back."""
-    rows, regions = region_mask.shape
-    length = regions + text_length
-    keys = torch.cat([region_mask, region_mask.new_ones(rows, text_length)], 1)      # [T, S]
-    pos = torch.arange(length, device=region_mask.device)
+    regions = region_mask.shape[1]
+    keys = _token_mask(region_mask, text_length)                                     # [T, S]
+    pos = torch.arange(regions + text_length, device=region_mask.device)
     queries = pos if region_queries else pos[regions:]
     allowed = (pos[None, :] <= queries[:, None])[None] & keys[:, None, :]          # [T, Q, S]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=region_mask.device)
@@ -352,19 +363,16 @@ class LlavaVQA(nn.Module):
         if track_regions and not region_tokens.requires_grad:
             region_tokens.requires_grad_()
         region_mask = batch.image_mask[index]
-        steps = torch.arange(text.shape[1], device=text.device)
+        positions = _real_positions(_token_mask(region_mask, text.shape[1]))           # [T, S]
         if share_images:
             image_mask = batch.image_mask
             prefix = (region_tokens, causal_region_mask(image_mask, 0, regions.dtype),
-                      (image_mask.long().cumsum(1) - 1).clamp_min(0))
+                      _real_positions(image_mask))
             mask = causal_region_mask(region_mask, text.shape[1], regions.dtype,
                                       region_queries=False)
-            positions = region_mask.long().sum(1, keepdim=True) + steps                # [T, L+1]
-            return DecoderInputs(text_embeds, mask, positions, rows, lengths, region_tokens,
-                                 prefix)
+            return DecoderInputs(text_embeds, mask, positions[:, feats.shape[1]:], rows,
+                                 lengths, region_tokens, prefix)
         embeds = torch.cat([region_tokens, text_embeds], 1)                            # [T, S, D]
-        keys = torch.cat([region_mask, region_mask.new_ones(rows.numel(), text.shape[1])], 1)
-        positions = (keys.long().cumsum(1) - 1).clamp_min(0)                          # [T, S]
         mask = causal_region_mask(region_mask, text.shape[1], embeds.dtype)
         return DecoderInputs(embeds, mask, positions, rows, feats.shape[1] + lengths,
                              region_tokens)
