@@ -73,6 +73,7 @@ from .training.data import (
     DataOrder,
     Datasets,
     StepBatchSampler,
+    check_model_flags,
     load_train_data,
     make_loader,
     model_config,
@@ -334,6 +335,9 @@ def _start(config: TrainConfig, ctx: DistContext, out: Path) -> _Run:
     if ctx.is_main:
         atomic_write(out / CONFIG_FILE, lambda f: f.write(config.to_yaml().encode()))
     _check_cuda_graphs(config, ctx)
+    check_model_flags(config.model)
+    if config.model.model == "llava":
+        _check_llava_run(config)
     seed = config.run.seed
     random.seed(seed)
     np.random.seed(seed)
@@ -356,8 +360,6 @@ def _start(config: TrainConfig, ctx: DistContext, out: Path) -> _Run:
                        f"{ctx.world_size} processes")
     optim = config.optim
     total = optim.max_steps or optim.epochs * order.steps_per_epoch
-    if config.model.model == "llava":
-        _check_llava_run(config)
     model = _build_model(config, data, resume, out).to(ctx.device)
     capturable = config.run.cuda_graphs and CAPTURE_GRAPHS
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters

@@ -666,6 +666,14 @@ def test_init_from_another_model_kind_ends_with_one_line(base, tmp_path, capsys)
     assert code == 2 and "--model llava checkpoint" in err and "\n" not in err
 
 
+def test_hf_model_with_init_ends_with_one_line(base, tmp_path, capsys):
+    """Refused before anything is read, though --init alone would build the model."""
+    code = _train(tmp_path / "out", "--init", str(base / "checkpoint.pt"), "--hf-model",
+                  str(base / "hf_model"))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "not both" in err and "\n" not in err
+
+
 @pytest.mark.parametrize("flag", [["--loss", "squint"], ["--compile"]])
 def test_what_llava_cannot_run_ends_with_one_line(flag, tmp_path, capsys):
     assert _train(tmp_path / "out", *flag) == 2

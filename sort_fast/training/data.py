@@ -14,7 +14,7 @@ from ..models.llava import check_llava_config, load_hf_config
 from .config import DataConfig, ModelConfig, require_all
 
 __all__ = ["Datasets", "DataOrder", "StepBatchSampler", "make_loader", "load_train_data",
-           "load_val_data", "model_config"]
+           "load_val_data", "model_config", "check_model_flags"]
 
 TRAIN_FILES = ("introspect", "vqa_questions", "vqa_annotations", "features")
 VAL_FILES = ("val_introspect", "val_vqa_questions", "val_vqa_annotations", "val_features")
@@ -125,8 +125,6 @@ def model_config(args: ModelConfig, data: Datasets) -> Union[PythiaConfig, Llava
     configuration of ``--hf-model``."""
     if args.model == "llava":
         return _llava_config(args, data)
-    if args.hf_model is not None or args.lora or args.gradcam_layer != -1:
-        raise CLIError("--hf-model, --lora and --gradcam-layer are for --model llava")
     h, j = args.hidden_dim, args.joint_dim
     return PythiaConfig(
         vocab_size=len(data.vocab), num_answers=len(data.answer_vocab),
@@ -137,7 +135,13 @@ def model_config(args: ModelConfig, data: Datasets) -> Union[PythiaConfig, Llava
         input_ablation=args.input_ablation)
 
 
-def _llava_config(args: ModelConfig, data: Datasets) -> LlavaVQAConfig:
+def check_model_flags(args: ModelConfig) -> None:
+    """Flag combinations the model section cannot have, a :class:`CLIError` (checked before
+    anything is loaded, ``--init`` or not)."""
+    if args.model != "llava":
+        if args.hf_model is not None or args.lora or args.gradcam_layer != -1:
+            raise CLIError("--hf-model, --lora and --gradcam-layer are for --model llava")
+        return
     if args.hf_model is not None and args.init is not None:
         raise CLIError("give --hf-model or --init, not both")
     if args.input_ablation != "none" or args.image_glimpses != 1:
@@ -145,6 +149,9 @@ def _llava_config(args: ModelConfig, data: Datasets) -> LlavaVQAConfig:
     if args.hidden_dim % args.decoder_heads:
         raise CLIError(f"--hidden-dim {args.hidden_dim} is not a multiple of --decoder-heads "
                        f"{args.decoder_heads}")
+
+
+def _llava_config(args: ModelConfig, data: Datasets) -> LlavaVQAConfig:
     heads = args.decoder_heads
     kv_heads = heads // 2 if heads % 2 == 0 else heads
     hf_config = None
